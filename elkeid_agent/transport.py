@@ -1,0 +1,367 @@
+"""The gRPC shell: the mutual-TLS channel to AgentCenter and the Transfer
+stream on it, on the agent's one asyncio loop (grpc.aio).
+
+Where a record leaves: ``_send_loop`` waits on the record queue, takes a
+batch, splices it into PackagedData bytes with the cached header
+(wire.packaged_data) and writes it. Where a command enters: ``_recv_loop``
+hands each raw Command message to ``on_command`` (commands.Dispatcher).
+
+Serializers are identity functions: the agent writes bytes it assembled
+itself and parses Commands itself, so a malformed server message is a counted
+error instead of an exception inside grpc.
+
+Failure handling: a batch whose write did not complete is requeued (it goes
+out first on the next stream). The stream is re-established 5 s after it is
+lost; while no endpoint answers, attempts back off to a cap and never stop
+(the Go agent exits after six failures, discarding what it holds).
+"""
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from . import endpoints, wire
+from .errors import LocalFault, ServerFault
+
+log = logging.getLogger(__name__)
+
+TRANSFER = "/grpc.Transfer/Transfer"
+UPLOAD = "/grpc.FileExt/Upload"
+# AgentCenter refuses messages over 10 MiB.
+MAX_MESSAGE = 10 * 1024 * 1024
+_COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
+
+
+def _identity(b):
+    return b
+
+
+class StreamClosed(Exception):
+    """The server ended the Transfer stream."""
+
+
+class TransferStats:
+    """Byte and record counters for the heartbeat's rx/tx speed and tps.
+
+    Sizes are of the (uncompressed) gRPC messages. ``rates`` returns
+    per-second values since the previous call, like the Go agent's
+    GetState, which swaps its counters every heartbeat."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self.tx_bytes = self.rx_bytes = 0
+        self.tx_records = self.rx_commands = 0
+        self.tx_messages = 0
+        self._last = (clock(), 0, 0, 0, 0)
+
+    def sent(self, nbytes, nrecords):
+        self.tx_bytes += nbytes
+        self.tx_records += nrecords
+        self.tx_messages += 1
+
+    def received(self, nbytes):
+        self.rx_bytes += nbytes
+        self.rx_commands += 1
+
+    def rates(self):
+        now = self._clock()
+        t0, rx_b, tx_b, rx_c, tx_r = self._last
+        dt = now - t0
+        self._last = (now, self.rx_bytes, self.tx_bytes, self.rx_commands, self.tx_records)
+        if dt <= 0:
+            return {"rx_speed": 0.0, "tx_speed": 0.0, "rx_tps": 0.0, "tx_tps": 0.0}
+        return {"rx_speed": (self.rx_bytes - rx_b) / dt, "tx_speed": (self.tx_bytes - tx_b) / dt,
+                "rx_tps": (self.rx_commands - rx_c) / dt, "tx_tps": (self.tx_records - tx_r) / dt}
+
+
+def load_credentials(settings):
+    """Read CA, client cert and key; LocalFault with the path on failure."""
+    material = []
+    for what in ("ca", "key", "cert"):
+        path = settings.path(getattr(settings, what))
+        try:
+            with open(path, "rb") as f:
+                material.append(f.read())
+        except OSError as e:
+            raise LocalFault("cannot read TLS %s %s: %s" % (what, path, e.strerror)) from None
+    ca, key, cert = material
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+class Transport:
+    def __init__(self, settings, queue, header, on_command, metrics, loop=None):
+        """``header`` is a zero-argument callable returning the cached
+        PackagedData header bytes; ``on_command(raw_bytes)`` must not raise."""
+        self.settings = settings
+        self.queue = queue
+        self.header = header
+        self.on_command = on_command
+        self.metrics = metrics
+        self.stats = TransferStats()
+        self.net_mode = "unknown"
+        self.connected_to = None
+        self.channel = None
+        self._credentials = None
+        self._call = None
+        self._stopping = False
+        self._connected = asyncio.Event()
+        self._run_task = None
+        self._reconnect = asyncio.Event()
+        self._backoff = endpoints.Backoff(settings.reconnect_delay, settings.reconnect_max_delay)
+        metrics.set("transport_connected", lambda: 1 if self._call is not None else 0)
+        metrics.describe("transport_connect_failures", "dial attempts that failed, by net_mode")
+        metrics.describe("transport_stream_errors", "Transfer streams that ended abnormally")
+        metrics.describe("transport_requeued_records", "records put back after a failed write")
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self):
+        self._run_task = asyncio.ensure_future(self._run())
+        return self._run_task
+
+    async def wait_connected(self, timeout=None):
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    @property
+    def connected(self):
+        return self._call is not None
+
+    def reconnect(self):
+        """Drop the current stream and dial again now (e.g. the region
+        changed). Whatever was queued stays queued."""
+        self._reconnect.set()
+
+    async def stop(self, flush_timeout=5.0):
+        """Flush what is queued while the stream is up (bounded), then close."""
+        self._stopping = True
+        if self._call is not None and flush_timeout > 0:
+            deadline = time.monotonic() + flush_timeout
+            while self.queue.pending() and self._call is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self._call is not None:
+                try:
+                    await asyncio.wait_for(self._call.done_writing(), 1.0)
+                    # Half-closed: AgentCenter ends the stream once it has
+                    # read everything; cancelling earlier could drop the tail.
+                    deadline = time.monotonic() + 2.0
+                    while self._call is not None and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                except Exception:  # the stream may already be gone; nothing to flush then
+                    pass
+        if self._run_task is not None:
+            self._run_task.cancel()
+            try:
+                await self._run_task
+            except asyncio.CancelledError:
+                pass
+        await self._close_channel()
+
+    # ------------------------------------------------------------ connect
+
+    async def _run(self):
+        while not self._stopping:
+            try:
+                connected = await self._connect()
+            except LocalFault as e:
+                log.error("cannot connect: %s", e)
+                connected = False
+            if not connected:
+                delay = self._backoff.failed()
+                log.warning("no AgentCenter endpoint reachable; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                continue
+            self._backoff.connected()
+            try:
+                await self._stream()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.metrics.inc("transport_stream_errors")
+                log.warning("transfer stream lost (%s: %s); reconnecting in %.1f s",
+                            type(e).__name__, _short(e), self.settings.reconnect_delay)
+            await self._close_channel()
+            if self._reconnect.is_set():
+                self._reconnect.clear()
+            elif not self._stopping:
+                await asyncio.sleep(self.settings.reconnect_delay)
+
+    async def _candidates(self):
+        eps = self.settings.endpoints
+        sd_addrs = []
+        if eps.service_discovery:
+            loop = asyncio.get_running_loop()
+            try:
+                body = await loop.run_in_executor(None, endpoints.fetch_sd, eps.service_discovery)
+                sd_addrs = endpoints.parse_sd_reply(body)
+            except ServerFault as e:
+                self.metrics.inc("transport_sd_errors")
+                log.warning("service discovery failed, falling back: %s", e)
+        return endpoints.plan(eps, sd_addrs)
+
+    async def _connect(self):
+        if self._credentials is None:
+            self._credentials = load_credentials(self.settings)
+        plan = await self._candidates()
+        if not plan:
+            raise LocalFault("no AgentCenter endpoint configured for region %r"
+                             % self.settings.region)
+        for net_mode, address in plan:
+            channel = grpc.aio.secure_channel(address, self._credentials, options=self._options())
+            try:
+                await _wait_ready(channel, self.settings.dial_timeout)
+            except Exception as e:
+                self.metrics.inc("transport_connect_failures", net_mode=net_mode)
+                log.warning("dial %s (%s) failed: %s", address, net_mode, _short(e))
+                await channel.close()
+                continue
+            self.channel = channel
+            self.net_mode = net_mode
+            self.connected_to = address
+            log.info("connected to %s (net_mode %s)", address, net_mode)
+            return True
+        return False
+
+    def _options(self):
+        s = self.settings
+        keepalive_ms = int(s.keepalive_seconds * 1000)
+        return [
+            ("grpc.ssl_target_name_override", s.server_name),
+            ("grpc.default_authority", s.server_name),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # AgentCenter disconnects clients pinging more often than every
+            # 5 s; ping only every keepalive_seconds and only with a call open.
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 20000),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.enable_retries", 0),
+            # We run our own reconnect policy; keep grpc's short so a
+            # channel_ready() wait reflects reality.
+            ("grpc.initial_reconnect_backoff_ms", 1000),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+
+    async def _close_channel(self):
+        self._call = None
+        self._connected.clear()
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            try:
+                await channel.close(grace=None)
+            except Exception:  # closing a broken channel can raise; it is gone either way
+                pass
+
+    # ------------------------------------------------------------ stream
+
+    async def _stream(self):
+        compression = endpoints.compression_for(self.settings.compression, self.net_mode)
+        method = self.channel.stream_stream(TRANSFER, request_serializer=_identity,
+                                            response_deserializer=_identity)
+        call = method(compression=_COMPRESSION[compression])
+        self._call = call
+        self._connected.set()
+        sender = asyncio.ensure_future(self._send_loop(call))
+        receiver = asyncio.ensure_future(self._recv_loop(call))
+        reconnect = asyncio.ensure_future(self._reconnect.wait())
+        tasks = (sender, receiver, reconnect)
+        try:
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._call = None
+            self._connected.clear()
+            call.cancel()
+        if reconnect in done:
+            return
+        for task in done:
+            if task.cancelled():
+                raise StreamClosed("stream cancelled")
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+        raise StreamClosed("server closed the stream")
+
+    async def _send_loop(self, call):
+        s = self.settings
+        q = self.queue
+        while True:
+            await q.wait_ready(s.flush_delay, s.batch_max_records, s.batch_max_bytes)
+            batch = q.take_batch(s.batch_max_records, s.batch_max_bytes)
+            if not batch:
+                continue
+            message = wire.packaged_data(batch, self.header())
+            written = False
+            try:
+                await call.write(message)
+                written = True
+            finally:
+                if not written:
+                    q.requeue(batch)
+                    self.metrics.inc("transport_requeued_records", len(batch))
+            self.stats.sent(len(message), len(batch))
+
+    async def _recv_loop(self, call):
+        while True:
+            raw = await call.read()
+            if raw is grpc.aio.EOF:
+                return
+            self.stats.received(len(raw))
+            self.on_command(raw)
+
+    # ------------------------------------------------------------ uploads
+
+    async def upload(self, token, chunks, timeout):
+        """Client-stream FileUploadRequests over /grpc.FileExt/Upload on the
+        current channel. ``chunks`` is an async iterator of bytes. Returns
+        the FileUploadResponse status (0 = SUCCESS)."""
+        from .pb import grpc_pb2
+        if self.channel is None:
+            raise ServerFault("no connection available", token)
+        method = self.channel.stream_unary(UPLOAD, request_serializer=_identity,
+                                           response_deserializer=_identity)
+        compression = endpoints.compression_for(self.settings.compression, self.net_mode)
+        token_field = wire.len_field(1, token.encode("utf-8")) if token else b""
+
+        async def requests():
+            async for data in chunks:
+                yield token_field + (wire.len_field(2, data) if data else b"")
+
+        raw = await asyncio.wait_for(
+            method(requests(), compression=_COMPRESSION[compression]), timeout)
+        try:
+            return grpc_pb2.FileUploadResponse.FromString(raw).status
+        except Exception:
+            raise ServerFault("malformed FileUploadResponse", token) from None
+
+
+async def _wait_ready(channel, timeout):
+    """Like channel_ready() but fails fast on TRANSIENT_FAILURE (refused
+    connection, TLS rejection) instead of waiting out the dial timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            raise ConnectionError("channel state %s" % state.name)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError("dial timeout")
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError("dial timeout") from None
+        state = channel.get_state(try_to_connect=True)
+
+
+def _short(e):
+    text = str(e) or type(e).__name__
+    if isinstance(e, grpc.aio.AioRpcError):
+        text = "%s: %s" % (e.code().name, e.details())
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,111 @@
+"""Endpoint choice and command decisions (sans-I/O)."""
+
+import json
+
+import pytest
+
+from elkeid_agent import commands, endpoints
+from elkeid_agent.errors import ServerFault
+from elkeid_agent.metrics import Registry
+from elkeid_agent.pb import grpc_pb2 as pb
+from elkeid_agent.settings import Endpoints
+
+
+def sd(data, code=0):
+    return json.dumps({"code": code, "data": data, "msg": ""}).encode()
+
+
+def test_sd_reply_sorted_by_weight():
+    body = sd([{"ip": "10.0.0.1", "port": 6751, "weight": 1},
+               {"ip": "10.0.0.2", "port": 6751, "weight": 5},
+               {"ip": "fd00::1", "port": 6751, "weight": 1}])
+    assert endpoints.parse_sd_reply(body) == ["10.0.0.2:6751", "10.0.0.1:6751", "[fd00::1]:6751"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"<html>", "not JSON"),
+    (b"[]", "not a JSON object"),
+    (sd([], code=1), "code 1"),
+    (sd([]), "no servers"),
+    (json.dumps({"code": 0}).encode(), "no servers"),
+    (sd([{"ip": "10.0.0.1", "port": "6751"}, {"ip": 5, "port": 1}, {"ip": "x y", "port": 1},
+         {"ip": "10.0.0.1", "port": 0}, "str"]), "none usable"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_sd_garbage_is_a_server_fault(body, needle):
+    with pytest.raises(ServerFault) as e:
+        endpoints.parse_sd_reply(body)
+    assert needle in str(e.value)
+
+
+def test_sd_unreachable_is_a_server_fault():
+    with pytest.raises(ServerFault):
+        endpoints.fetch_sd("127.0.0.1:1", timeout=2)
+
+
+def test_plan_order_and_compression():
+    eps = Endpoints(service_discovery="127.0.0.1:1", server="127.0.0.1:2", public_server="127.0.0.1:3")
+    assert endpoints.plan(eps, ["127.0.0.1:9"]) == [
+        ("sd", "127.0.0.1:9"), ("private", "127.0.0.1:2"), ("public", "127.0.0.1:3")]
+    assert endpoints.compression_for("auto", "public") == "gzip"
+    assert endpoints.compression_for("auto", "private") == "none"
+    assert endpoints.compression_for("auto", "sd") == "none"
+    assert endpoints.compression_for("gzip", "sd") == "gzip"
+
+
+def test_backoff_caps_and_resets():
+    b = endpoints.Backoff(5, 60)
+    assert [b.failed() for _ in range(6)] == [5, 10, 20, 40, 60, 60]
+    b.connected()
+    assert b.failed() == 5
+
+
+def cmd(**kw):
+    return pb.Command(**kw).SerializeToString()
+
+
+def test_decide_task_routes():
+    t = pb.Task(data_type=1060, object_name="elkeid-agent", token="t1")
+    assert isinstance(commands.decide(cmd(task=t)), commands.AgentTask)
+    t = pb.Task(data_type=1234, object_name="elkeid-agent", token="t2")
+    d = commands.decide(cmd(task=t))
+    assert d == commands.Invalid("t2", "unknown agent task data_type 1234")
+    t = pb.Task(data_type=6000, object_name="collector", token="t3")
+    assert commands.decide(cmd(task=t)).task.object_name == "collector"
+    assert isinstance(commands.decide(cmd(task=pb.Task(token="t4"))), commands.Invalid)
+
+
+def test_decide_configs():
+    cfgs = [pb.Config(name="elkeid-agent", version="2"), pb.Config(name="a", version="1"),
+            pb.Config(name="a", version="2"), pb.Config(name="b")]
+    d = commands.decide(cmd(configs=cfgs))
+    assert d.agent.version == "2"
+    assert [(c.name, c.version) for c in d.plugins] == [("a", "2"), ("b", "")]
+    # Task wins over configs; an empty Command is an empty desired state.
+    d = commands.decide(cmd(task=pb.Task(object_name="a"), configs=cfgs))
+    assert isinstance(d, commands.PluginTask)
+    assert commands.decide(b"") == commands.Configs(None, [])
+
+
+@pytest.mark.parametrize("raw", [b"\x12\x05abc", b"\xff\xff\xff", b"\x12\x03\x12\x01\xc3"])
+def test_malformed_command(raw):
+    assert isinstance(commands.decide(raw), commands.Invalid)
+
+
+def test_dispatcher_never_raises_and_reports_tokens():
+    failures = []
+    m = Registry()
+
+    def boom(_):
+        raise RuntimeError("handler bug")
+
+    d = commands.Dispatcher(m, lambda tok, msg: failures.append((tok, msg)),
+                            on_configs=boom, on_agent_task=boom, on_plugin_task=boom)
+    d(b"\xff\xff")
+    d(cmd(task=pb.Task(data_type=7, object_name="elkeid-agent", token="tok")))
+    d(cmd(task=pb.Task(object_name="p", token="tok2")))
+    d(cmd())
+    assert failures[0] == ("tok", "unknown agent task data_type 7")
+    assert failures[1][0] == "tok2" and "handler bug" in failures[1][1]
+    assert m.get("commands_rejected", reason="invalid") == 2
+    assert m.get("commands_rejected", reason="handler_error") == 2

@@ -1,0 +1,137 @@
+"""RecordQueue: byte budget, priorities, drops counted, requeue order."""
+
+import asyncio
+
+import pytest
+
+from elkeid_agent.metrics import Registry
+from elkeid_agent.queue import HIGH, NORMAL, RecordQueue
+
+
+def rec(i, size=10):
+    return (b"%06d" % i).ljust(size, b".")
+
+
+def test_fifo_and_high_first():
+    q = RecordQueue(10_000, Registry())
+    for i in range(5):
+        q.put(rec(i))
+    q.put(rec(99), HIGH)
+    assert q.take_batch(100, 10_000) == [rec(99)] + [rec(i) for i in range(5)]
+    assert q.count == 0 and q.bytes == 0
+
+
+def test_batch_limits_by_count_and_bytes():
+    q = RecordQueue(10_000, Registry())
+    for i in range(10):
+        q.put(rec(i, 100))
+    assert len(q.take_batch(3, 10_000)) == 3
+    assert len(q.take_batch(100, 250)) == 2
+    # A single record larger than max_bytes still goes alone.
+    assert len(q.take_batch(100, 1)) == 1
+    assert q.count == 4 and q.bytes == 400
+
+
+def test_overflow_evicts_oldest_normal_and_counts():
+    m = Registry()
+    q = RecordQueue(100, m)
+    for i in range(10):
+        assert q.put(rec(i))
+    assert q.put(rec(10))  # evicts rec(0)
+    assert m.get("queue_dropped_records", reason="overflow", priority="normal") == 1
+    assert m.get("queue_dropped_bytes", reason="overflow", priority="normal") == 10
+    assert q.take_batch(100, 1000)[0] == rec(1)
+    assert q.bytes <= 100
+
+
+def test_high_survives_normal_pressure():
+    m = Registry()
+    q = RecordQueue(50, m)
+    for i in range(5):
+        q.put(rec(i), HIGH)
+    # Full of HIGH: a NORMAL record cannot evict them and is refused.
+    assert not q.put(rec(100))
+    assert m.get("queue_dropped_records", reason="overflow", priority="normal") == 1
+    # A HIGH record evicts the oldest HIGH one.
+    assert q.put(rec(200), HIGH)
+    assert m.get("queue_dropped_records", reason="overflow", priority="high") == 1
+    assert q.take_batch(100, 1000) == [rec(i) for i in range(1, 5)] + [rec(200)]
+
+
+def test_too_large_refused():
+    m = Registry()
+    q = RecordQueue(10_000, m, max_record_bytes=100)
+    assert not q.put(b"x" * 101)
+    assert m.get("queue_dropped_records", reason="too_large", priority="normal") == 1
+    assert q.count == 0
+
+
+def test_requeue_goes_first_in_order():
+    q = RecordQueue(10_000, Registry())
+    for i in range(6):
+        q.put(rec(i))
+    batch = q.take_batch(3, 10_000)
+    q.put(rec(50), HIGH)
+    q.requeue(batch)
+    assert q.take_batch(100, 10_000) == [rec(0), rec(1), rec(2), rec(50), rec(3), rec(4), rec(5)]
+
+
+class ListSpool:
+    def __init__(self):
+        self.items = []
+
+    def spill(self, bodies):
+        self.items.extend(bodies)
+
+    def pending(self):
+        return len(self.items)
+
+    def take(self, max_records, max_bytes):
+        out, self.items = self.items[:max_records], self.items[max_records:]
+        return out
+
+
+def test_spool_receives_overflow_and_drains_first():
+    m = Registry()
+    spool = ListSpool()
+    q = RecordQueue(30, m, spool=spool)
+    for i in range(5):
+        q.put(rec(i))
+    assert spool.items == [rec(0), rec(1)]
+    assert m.total("queue_dropped_records") == 0
+    assert q.pending() == 5
+    assert q.take_batch(10, 1000) == [rec(0), rec(1)]
+    assert q.take_batch(10, 1000) == [rec(2), rec(3), rec(4)]
+
+
+def test_wait_ready_wakes_on_first_record_and_on_full_batch():
+    async def main():
+        q = RecordQueue(10_000, Registry())
+        waiter = asyncio.ensure_future(q.wait_ready(60, 3, 10_000))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        q.put(rec(1))
+        await asyncio.sleep(0.01)
+        # One record, batch not full, 60 s delay: still waiting for more.
+        assert not waiter.done()
+        q.put(rec(2))
+        q.put(rec(3))
+        await asyncio.wait_for(waiter, 5)
+        # Small delay: returns with a partial batch.
+        q.take_batch(10, 10_000)
+        q.put(rec(4))
+        await asyncio.wait_for(q.wait_ready(0.01, 100, 10_000), 5)
+        assert q.take_batch(10, 10_000) == [rec(4)]
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("priority", [NORMAL, HIGH])
+def test_byte_accounting_is_exact(priority):
+    q = RecordQueue(1_000_000, Registry())
+    sizes = [1, 7, 300, 4096, 12]
+    for i, s in enumerate(sizes):
+        q.put(b"x" * s, priority)
+    assert q.bytes == sum(sizes)
+    b = q.take_batch(2, 10**6)
+    q.requeue(b)
+    assert q.bytes == sum(sizes) and q.count == len(sizes)
