@@ -1,0 +1,298 @@
+"""The agent as a real process against the development AgentCenter over
+mutual TLS on 127.0.0.1: heartbeats, commands, tasks, uploads, signals and
+bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from elkeid_agent import __version__
+from elkeid_agent.heartbeat import AGENT_FIELDS
+from elkeid_agent.pb import grpc_pb2 as pb
+from harness import DevCenterProc, unwrap, wait_until
+
+
+def heartbeat_of(devcenter, agent_id, predicate=lambda r: True, timeout=30):
+    return devcenter.wait_records(1000, predicate, agent_id=agent_id, timeout=timeout)[-1]
+
+
+def failures(devcenter, agent_id, token, timeout=30):
+    return devcenter.wait_records(5100, lambda r: r["fields"].get("token") == token,
+                                  agent_id=agent_id, timeout=timeout)
+
+
+def test_heartbeat_has_every_field_and_decodes_with_generated_classes(devcenter, start_agent):
+    agent = start_agent("hb-agent")
+    rec = heartbeat_of(devcenter, "hb-agent")
+    # Decode the bytes exactly as received with the generated classes.
+    raw = bytes.fromhex(rec["raw_hex"]) if "raw_hex" in rec else None
+    if raw is not None:
+        enc = pb.EncodedRecord.FromString(raw)
+        fields = dict(pb.Payload.FromString(enc.data).fields)
+        assert enc.data_type == 1000
+        assert fields == rec["fields"]
+    fields = rec["fields"]
+    missing = [f for f in AGENT_FIELDS if f not in fields]
+    assert not missing, missing
+    assert fields["pid"] == str(agent.pid)
+    assert fields["state"] == "running", fields["state_detail"]
+    assert json.loads(fields["state_detail"]) == []
+    assert fields["net_mode"] == "private"
+    assert fields["region"] == "default"
+    assert fields["arch"] == os.uname().machine
+    assert fields["kernel_version"] == os.uname().release
+    for f in ("cpu", "rx_speed", "tx_speed", "read_speed", "write_speed", "tx_tps", "rx_tps",
+              "cpu_usage", "mem_usage"):
+        float(fields[f])
+        assert len(fields[f].split(".")[1]) == 8, (f, fields[f])
+    assert 0 <= float(fields["cpu_usage"]) <= 1 and 0 < float(fields["mem_usage"]) < 1
+    assert int(fields["rss"]) > 1_000_000
+    assert int(fields["nfd"]) > 3
+    assert int(fields["nproc"]) == os.cpu_count()
+    assert int(fields["total_mem"]) > 0 and int(fields["boot_time"]) > 1_000_000_000
+    assert abs(int(fields["start_time"]) - rec["timestamp"]) < 120
+    # The PackagedData header.
+    assert rec["agent_id"] == "hb-agent"
+    assert rec["hostname"] == socket.gethostname()
+    assert rec["version"] == __version__
+    assert rec["product"] == "elkeid-agent"
+    # Heartbeats keep coming at the configured interval.
+    devcenter.wait_records(1000, agent_id="hb-agent", count=3)
+    assert agent.stop() == 0
+
+
+def test_sigterm_flushes_and_exits_cleanly(devcenter, start_agent):
+    agent = start_agent("term-agent")
+    devcenter.wait_agent("term-agent")
+    assert agent.stop() == 0
+    assert "shutting down (SIGTERM)" in agent.log_text()
+
+
+def test_task_1060_shuts_down(devcenter, start_agent):
+    agent = start_agent("stop-agent")
+    devcenter.wait_agent("stop-agent")
+    status, body = devcenter.command("stop-agent", {"task": {
+        "data_type": 1060, "name": "elkeid-agent", "data": "", "token": "t-stop"}})
+    assert status == 200, body
+    wait_until(lambda: not agent.alive, 20, what="agent exit")
+    assert agent.proc.returncode == 0
+
+
+def test_unknown_plugin_and_agent_task_get_5100(devcenter, start_agent):
+    start_agent("route-agent")
+    devcenter.wait_agent("route-agent")
+    devcenter.command("route-agent", {"task": {"data_type": 6000, "name": "no-such-plugin",
+                                               "data": "{}", "token": "t-noplugin"}})
+    rec = failures(devcenter, "route-agent", "t-noplugin")[0]
+    assert rec["fields"]["status"] == "failed"
+    assert "no-such-plugin" in rec["fields"]["msg"]
+    devcenter.command("route-agent", {"task": {"data_type": 4242, "name": "elkeid-agent",
+                                               "token": "t-unknown"}})
+    assert "4242" in failures(devcenter, "route-agent", "t-unknown")[0]["fields"]["msg"]
+
+
+def test_bad_task_json_gets_5100_and_agent_stays_up(devcenter, start_agent):
+    agent = start_agent("json-agent")
+    devcenter.wait_agent("json-agent")
+    for token, data in (("t-j1", "{not json"), ("t-j2", "[1,2]"),
+                        ("t-j3", '{"path": 5, "buf_size": 10}'),
+                        ("t-j4", '{"path": "/etc/hostname", "buf_size": -1}')):
+        devcenter.command("json-agent", {"task": {"data_type": 1050, "name": "elkeid-agent",
+                                                  "data": data, "token": token}})
+        assert failures(devcenter, "json-agent", token)
+    assert agent.alive
+    heartbeat_of(devcenter, "json-agent", lambda r: r["fields"]["commands_rejected"] == "0")
+
+
+def test_upload_file_arrives_intact(devcenter, start_agent, tmp_path):
+    start_agent("up-agent")
+    devcenter.wait_agent("up-agent")
+    data = os.urandom(300_000)
+    path = tmp_path / "evidence.bin"
+    path.write_bytes(data)
+    devcenter.command("up-agent", {"task": {
+        "data_type": 1050, "name": "elkeid-agent", "token": "t-up",
+        "data": json.dumps({"path": str(path), "buf_size": 100_000})}})
+
+    def done():
+        status, body = devcenter.request("GET", "/uploads")
+        rows = unwrap(body, "uploads")
+        return [u for u in rows if u.get("token") == "t-up" and u.get("status") in
+                ("success", "SUCCESS", "ok", 0)]
+    row = wait_until(done, 30, 0.2, "upload to complete")[0]
+    assert row["size"] == len(data)
+    assert row["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["missing", "too_big", "directory"])
+def test_upload_refusals(devcenter, start_agent, tmp_path, case):
+    aid = "upbad-" + case
+    start_agent(aid)
+    devcenter.wait_agent(aid)
+    if case == "missing":
+        path, buf, needle = tmp_path / "nope", 1000, "cannot open"
+    elif case == "too_big":
+        path, buf, needle = tmp_path / "big", 10, "size limit exceeded: (6001/6000)"
+        path.write_bytes(b"x" * 6001)
+    else:
+        path, buf, needle = tmp_path, 1000, "not a regular file"
+    devcenter.command(aid, {"task": {"data_type": 1050, "name": "elkeid-agent", "token": "t-" + case,
+                                     "data": json.dumps({"path": str(path), "buf_size": buf})}})
+    assert needle in failures(devcenter, aid, "t-" + case)[0]["fields"]["msg"]
+
+
+def test_set_metadata_persists_and_applies(devcenter, start_agent):
+    agent = start_agent("meta-agent")
+    devcenter.wait_agent("meta-agent")
+    devcenter.command("meta-agent", {"task": {"data_type": 1051, "name": "elkeid-agent",
+                                              "token": "t-meta",
+                                              "data": json.dumps({"idc": "dc-7"})}})
+    heartbeat_of(devcenter, "meta-agent", lambda r: r["fields"]["idc"] == "dc-7")
+    with open(os.path.join(agent.workdir, "specified_env")) as f:
+        assert "specified_idc=dc-7\n" in f.read()
+    devcenter.command("meta-agent", {"task": {"data_type": 1051, "name": "elkeid-agent",
+                                              "token": "t-region",
+                                              "data": json.dumps({"region": "mars"})}})
+    assert "can't find region: mars" in failures(devcenter, "meta-agent", "t-region")[0]["fields"]["msg"]
+
+
+def test_configs_reset_state_and_report_missing_plugins(devcenter, start_agent):
+    start_agent("cfg-agent")
+    devcenter.wait_agent("cfg-agent")
+    devcenter.command("cfg-agent", {"config": [
+        {"name": "elkeid-agent", "version": "9.9.9", "sha256": "", "download_url": []}]})
+    rec = heartbeat_of(devcenter, "cfg-agent", lambda r: r["fields"]["state"] == "abnormal")
+    assert "9.9.9" in rec["fields"]["state_detail"]
+
+
+def test_error_logs_become_1010_records(devcenter, start_agent):
+    start_agent("log-agent")
+    devcenter.wait_agent("log-agent")
+    devcenter.command("log-agent", {"task": {"data_type": 4243, "name": "elkeid-agent",
+                                             "token": "t-log"}})
+    rec = devcenter.wait_records(1010, lambda r: "4243" in r["fields"].get("msg", ""),
+                                 agent_id="log-agent")[0]
+    assert rec["fields"]["level"] == "error"
+    assert rec["fields"]["source"]
+
+
+def test_agent_id_flag_wins_over_env(devcenter, start_agent):
+    agent = start_agent("flag-id", env={"SPECIFIED_AGENT_ID": "env-id"})
+    devcenter.wait_agent("flag-id")
+    assert agent.agent_id() == "flag-id"
+
+
+def test_gzip_compression_end_to_end(devcenter, start_agent):
+    start_agent("gzip-agent", "--compression", "gzip")
+    heartbeat_of(devcenter, "gzip-agent")
+
+
+def test_bad_specified_env_lines_logged_agent_starts(devcenter, start_agent, tmp_path):
+    wd = tmp_path / "envagent"
+    wd.mkdir()
+    (wd / "specified_env").write_text("garbage line\nspecified_idc=from-file\n")
+    agent = start_agent("env-agent", workdir=wd)
+    heartbeat_of(devcenter, "env-agent", lambda r: r["fields"]["idc"] == "from-file")
+    agent.wait_log("specified_env line 1 ignored")
+
+
+def test_unwritable_workdir_reports_abnormal(devcenter, start_agent, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    agent = start_agent("ro-agent", workdir=blocker / "workdir")
+    rec = heartbeat_of(devcenter, "ro-agent")
+    assert rec["fields"]["state"] == "abnormal"
+    assert "not writable" in rec["fields"]["state_detail"]
+    assert agent.alive
+
+
+def test_sigusr1_toggles_debug_endpoint(devcenter, start_agent):
+    import urllib.request
+    agent = start_agent("dbg-agent")
+    devcenter.wait_agent("dbg-agent")
+    addr_file = os.path.join(agent.workdir, "tmp", "debug.addr")
+    agent.signal(signal.SIGUSR1)
+    wait_until(lambda: os.path.exists(addr_file) and open(addr_file).read().strip(), 10,
+               what="debug.addr")
+    addr = open(addr_file).read().strip()
+    assert addr.startswith("127.0.0.1:")
+    with urllib.request.urlopen("http://%s/debug/stacks" % addr, timeout=10) as r:
+        text = r.read().decode()
+    assert "MainThread" in text
+    agent.signal(signal.SIGUSR1)
+    wait_until(lambda: not os.path.exists(addr_file), 10, what="debug.addr removal")
+    agent.signal(signal.SIGUSR2)
+    agent.wait_log("released memory")
+    assert agent.alive
+
+
+def test_server_from_another_ca_is_refused(tmp_path, start_agent, devcenter):
+    other = DevCenterProc(tmp_path / "other")  # generates its own, unrelated CA
+    try:
+        a = start_agent("wrongca-agent", "--server", other.grpc, *devcenter.cert_args,
+                        server=False)
+        a.wait_log("dial %s (private) failed" % other.grpc, 30)
+        assert other.agents() == []
+        assert a.alive
+    finally:
+        other.stop()
+
+
+def test_server_with_another_name_is_refused(start_agent, devcenter):
+    # The devcenter's certificate says elkeid.com; demand another name.
+    a = start_agent("wrongname-agent", "--server-name", "not-elkeid.example")
+    a.wait_log("dial %s (private) failed" % devcenter.grpc, 30)
+    assert all(x.get("agent_id") != "wrongname-agent" for x in devcenter.agents())
+    assert a.alive
+
+
+class _SDHandler(BaseHTTPRequestHandler):
+    reply = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.server.reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sd_server():
+    srv = HTTPServer(("127.0.0.1", 0), _SDHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_service_discovery_used_then_garbage_falls_back(devcenter, start_agent, sd_server):
+    host, port = devcenter.grpc.rsplit(":", 1)
+    sd_server.reply = json.dumps({"code": 0, "msg": "", "data": [
+        {"ip": host, "port": int(port), "weight": 1}]}).encode()
+    sd = "127.0.0.1:%d" % sd_server.server_address[1]
+    start_agent("sd-agent", "--service-discovery", sd, *devcenter.cert_args, server=False)
+    assert heartbeat_of(devcenter, "sd-agent")["fields"]["net_mode"] == "sd"
+    sd_server.reply = b"<html>garbage</html>"
+    agent = start_agent("sd-garbage", "--service-discovery", sd)
+    assert heartbeat_of(devcenter, "sd-garbage")["fields"]["net_mode"] == "private"
+    agent.wait_log("service discovery failed, falling back")
+
+
+def test_no_server_keeps_retrying(tmp_path, start_agent, devcenter):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    a = start_agent("lonely", "--server", "127.0.0.1:%d" % port, *devcenter.cert_args,
+                    server=False)
+    a.wait_log("no AgentCenter endpoint reachable")
+    a.wait_log("dial 127.0.0.1:%d (private) failed" % port)
+    assert a.alive
+    assert a.stop() == 0
