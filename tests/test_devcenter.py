@@ -1,0 +1,761 @@
+"""Tests of the development AgentCenter (elkeid_agent.devcenter).
+
+Each test starts a DevCenter in-process on ephemeral loopback ports and
+talks to it like an agent would: a grpc.aio client with mutual TLS (target
+name elkeid.com) sending raw PackagedData bytes, plus the HTTP API through
+urllib on an executor thread (the API calls back into the loop, so the loop
+must not be blocked by the test's own request).
+"""
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from cryptography import x509
+
+from elkeid_agent import wire
+from elkeid_agent.devcenter import AgentNotConnected, DevCenter
+from elkeid_agent.devcenter import certs
+from elkeid_agent.devcenter.server import command_from_json, parse_address
+from elkeid_agent.devcenter.store import StoreError, record_spans, safe_name
+from elkeid_agent.devcenter.summary import format_summary
+from elkeid_agent.pb import grpc_pb2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def devcenter(tmp_path, **kw):
+    kw.setdefault("http_addr", "127.0.0.1:0")
+    dc = DevCenter(grpc_addr="127.0.0.1:0", certs_dir=str(tmp_path / "certs"),
+                   db_path=str(tmp_path / "dc.db"), uploads_dir=str(tmp_path / "uploads"), **kw)
+    await dc.start()
+    try:
+        yield dc
+    finally:
+        await dc.stop()
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def channel(dc, client_cert=True, ca=None, bundle=None):
+    bundle = bundle or dc.bundle
+    kw = {"root_certificates": ca or _read(bundle.ca)}
+    if client_cert:
+        kw["private_key"] = _read(bundle.client_key)
+        kw["certificate_chain"] = _read(bundle.client_crt)
+    creds = grpc.ssl_channel_credentials(**kw)
+    return grpc.aio.secure_channel("127.0.0.1:%d" % dc.grpc_port, creds,
+                                   options=[("grpc.ssl_target_name_override", "elkeid.com")])
+
+
+class FakeAgent:
+    """A Transfer stream with raw bytes both ways."""
+
+    def __init__(self, dc, agent_id="agent-1", **kw):
+        self.agent_id = agent_id
+        self.channel = channel(dc, **kw)
+        self.call = self.channel.stream_stream(
+            "/grpc.Transfer/Transfer", request_serializer=None, response_deserializer=None)()
+
+    def header(self, **kw):
+        args = dict(agent_id=self.agent_id, intranet_ipv4=["10.0.0.5"], extranet_ipv4=[],
+                    intranet_ipv6=["fd00::5"], extranet_ipv6=["2001:db8::5"],
+                    hostname="host-1", version="1.9.0", product="elkeid-agent")
+        args.update(kw)
+        return wire.encode_header(**args)
+
+    async def send(self, records, **header):
+        await self.call.write(wire.packaged_data(records, self.header(**header)))
+
+    async def read_command(self, timeout=10):
+        data = await asyncio.wait_for(self.call.read(), timeout)
+        assert data is not grpc.aio.EOF, "stream ended without a command"
+        return data
+
+    async def close(self):
+        await self.channel.close()
+
+
+def http(dc, method, path, body=None, raw=None):
+    """(status, parsed JSON or text) for a request to the devcenter's API."""
+    url = "http://127.0.0.1:%d%s" % (dc.http_port, path)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            status, ctype, text = resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as e:
+        status, ctype, text = e.code, e.headers["Content-Type"], e.read()
+    if ctype.startswith("application/json"):
+        return status, json.loads(text)
+    return status, text.decode()
+
+
+async def ahttp(dc, method, path, body=None, raw=None):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, http, dc, method, path, body, raw)
+
+
+HEARTBEAT = {"cpu": "0.01250000", "rss": "40000000", "state": "running", "net_mode": "private",
+             "kernel_version": "6.1.0"}
+
+
+# ---------------------------------------------------------------- certificates
+
+def test_bundle_is_written_once_with_private_keys(tmp_path):
+    paths = certs.ensure_bundle(str(tmp_path / "c"))
+    for p in paths[1:]:
+        assert os.path.isfile(p)
+    for key in (paths.server_key, paths.client_key):
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate(_read(paths.ca))
+    server = x509.load_pem_x509_certificate(_read(paths.server_crt))
+    client = x509.load_pem_x509_certificate(_read(paths.client_crt))
+    server.verify_directly_issued_by(ca)
+    client.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["elkeid.com"]
+    assert server.not_valid_before_utc < ca.not_valid_after_utc
+    before = _read(paths.ca)
+    # A complete bundle is reused, not regenerated.
+    assert certs.ensure_bundle(str(tmp_path / "c")) == paths
+    assert _read(paths.ca) == before
+    # A partial one is replaced as a whole.
+    os.unlink(paths.client_key)
+    certs.ensure_bundle(str(tmp_path / "c"))
+    assert _read(paths.ca) != before and os.path.isfile(paths.client_key)
+
+
+def test_other_ca_and_other_name_helpers():
+    ca1, ca2 = certs.make_ca("one"), certs.make_ca("two")
+    leaf = certs.issue_cert(ca2, "other.example", kind="server")
+    leaf.cert.verify_directly_issued_by(ca2.cert)
+    with pytest.raises(Exception):
+        leaf.cert.verify_directly_issued_by(ca1.cert)
+    san = leaf.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["other.example"]
+    ip_leaf = certs.issue_cert(ca1, "127.0.0.1", kind="client")
+    san = ip_leaf.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert b"PRIVATE KEY" in leaf.key_pem and leaf.name == "other.example"
+    with pytest.raises(ValueError):
+        certs.issue_cert(ca1, "x", kind="peer")
+
+
+def test_client_without_certificate_or_from_other_ca_is_rejected(tmp_path):
+    other = certs.write_bundle(str(tmp_path / "other"))
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            for kw in ({"client_cert": False}, {"bundle": other, "ca": _read(dc.bundle.ca)}):
+                agent = FakeAgent(dc, **kw)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await agent.send([wire.encode_record(1, 1, {"a": "b"})])
+                    await agent.read_command(timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                await agent.close()
+            assert dc.connected() == []
+            # The right client certificate works on the same server.
+            good = FakeAgent(dc)
+            await good.send([wire.encode_record(1, 1, {"a": "b"})])
+            info = await dc.wait_for_agent("agent-1")
+            assert info["client_cn"] == "elkeid-agent"
+            await good.close()
+    run(main())
+
+
+# ---------------------------------------------------------------- records
+
+def test_records_stored_byte_exact_with_header_and_fields(tmp_path):
+    canonical = wire.encode_record(2001, 1700000000, {"exe": "/bin/ls", "pid": "42"})
+    # Valid but not canonical: payload first, then an unknown field 9, then
+    # the data_type. Re-serializing would reorder it; the store must not.
+    payload = wire.encode_payload({"k": "v"})
+    odd = (b"\x1a" + wire.varint(len(payload)) + payload + b"\x48\x07" + b"\x08\xe9\x07")
+    bare = b""  # every field at its default
+    not_payload = b"\x08\x05\x1a\x02\xff\xff"  # data is not a Payload
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc)
+            await agent.send([canonical, odd, bare, not_payload])
+            recs = await dc.wait_for_records(lambda rs: len(rs) >= 4)
+            await agent.close()
+            return recs, dc.metrics.get("decode_errors_total", kind="payload")
+
+    recs, payload_errors = run(main())
+    assert [r["raw"] for r in recs] == [canonical, odd, bare, not_payload]
+    first = recs[0]
+    assert first["agent_id"] == "agent-1" and first["hostname"] == "host-1"
+    assert first["version"] == "1.9.0" and first["product"] == "elkeid-agent"
+    assert first["intranet_ipv4"] == ["10.0.0.5"] and first["extranet_ipv4"] == []
+    assert first["intranet_ipv6"] == ["fd00::5"] and first["extranet_ipv6"] == ["2001:db8::5"]
+    assert (first["data_type"], first["timestamp"]) == (2001, 1700000000)
+    assert first["fields"] == {"exe": "/bin/ls", "pid": "42"}
+    assert (recs[1]["data_type"], recs[1]["fields"]) == (1001, {"k": "v"})
+    assert (recs[2]["data_type"], recs[2]["timestamp"], recs[2]["fields"]) == (0, 0, {})
+    assert recs[3]["fields"] is None and "Payload" in recs[3]["decode_error"]
+    assert recs[0]["decode_error"] is None
+    assert payload_errors == 1
+
+
+def test_record_spans_match_protobuf_split():
+    bodies = [wire.encode_record(i, i * 7, {"n": str(i)}) for i in range(5)]
+    raw = wire.packaged_data(bodies, wire.encode_header("a", [], [], [], [], "h", "v", "p"))
+    assert record_spans(raw) == bodies
+    pd = grpc_pb2.PackagedData.FromString(raw)
+    assert [r.SerializeToString() for r in pd.records] == bodies
+
+
+def test_malformed_packaged_data_is_counted_and_stream_survives(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc)
+            await agent.call.write(b"\xff\xff\xff\xff")          # not protobuf
+            await agent.call.write(b"\x0a\x05\x08")              # record runs past the end
+            await agent.send([wire.encode_record(7, 1, {"x": "y"})])
+            await dc.wait_for_records(1, agent_id="agent-1")
+            assert dc.metrics.get("decode_errors_total", kind="packaged_data") == 2
+            info = dc.connection("agent-1")
+            assert info["bad_messages"] == 2 and info["messages"] == 3
+            # Still open: a command gets through afterwards.
+            await dc.send_command("agent-1", grpc_pb2.Command(task=grpc_pb2.Task(data_type=1)))
+            assert grpc_pb2.Command.FromString(await agent.read_command()).task.data_type == 1
+            await agent.close()
+    run(main())
+
+
+def test_stream_without_agent_id_is_stored_but_not_addressable(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc, agent_id="")
+            await agent.send([wire.encode_record(5, 1, {})])
+            await dc.wait_for_records(1)
+            assert dc.connected() == []
+            assert dc.metrics.get("messages_without_agent_id_total") == 1
+            # The first message with an id identifies the stream.
+            agent.agent_id = "late"
+            await agent.send([wire.encode_record(5, 2, {})])
+            await dc.wait_for_agent("late")
+            await agent.close()
+    run(main())
+
+
+def test_wait_for_records_times_out_with_a_message(tmp_path):
+    async def main():
+        async with devcenter(tmp_path, http_addr=None) as dc:
+            with pytest.raises(asyncio.TimeoutError, match="3 records"):
+                await dc.wait_for_records(3, timeout=0.2)
+            with pytest.raises(asyncio.TimeoutError):
+                await dc.wait_for_agent("nobody", timeout=0.2)
+    run(main())
+
+
+def test_counts_mode_counts_without_rows(tmp_path):
+    async def main():
+        async with devcenter(tmp_path, store_mode="counts") as dc:
+            agent = FakeAgent(dc)
+            await agent.send([wire.encode_record(2001, 1, {"a": "b"})] * 300
+                             + [wire.encode_record(1000, 1, HEARTBEAT)])
+            await agent.send([wire.encode_record(2003, 1, {})] * 5)
+            assert await dc.wait_for_records(306) == 306
+            assert dc.store.count(agent_id="agent-1", data_type=2001) == 300
+            assert dc.store.counts() == {"agent-1": {1000: 1, 2001: 300, 2003: 5}}
+            with pytest.raises(StoreError):
+                dc.store.records()
+            status, body = await ahttp(dc, "GET", "/records")
+            assert status == 409 and "counts" in body["msg"]
+            # Heartbeats are still tracked for /conn/list.
+            assert dc.connection("agent-1")["last_heartbeat"]["state"] == "running"
+            await agent.close()
+    run(main())
+    db = sqlite3.connect(str(tmp_path / "dc.db"))
+    rows = sorted(db.execute("SELECT agent_id, data_type, count FROM record_counts"))
+    assert rows == [("agent-1", 1000, 1), ("agent-1", 2001, 300), ("agent-1", 2003, 5)]
+    assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------- commands, configs
+
+def _cfg(name, version):
+    return grpc_pb2.Config(name=name, type="exec", version=version, sha256="ab" * 32,
+                           download_urls=["http://127.0.0.1:1/%s" % name], detail="{}")
+
+
+def test_configs_pushed_on_connect_and_after_restart(tmp_path):
+    async def first():
+        async with devcenter(tmp_path) as dc:
+            dc.set_configs("agent-1", [_cfg("collector", "1.0"),
+                                       {"name": "driver", "version": "2", "download_url": ["u"]}])
+            agent = FakeAgent(dc)
+            await agent.send([wire.encode_record(1000, 1, HEARTBEAT)])
+            cmd = grpc_pb2.Command.FromString(await agent.read_command())
+            assert not cmd.HasField("task")
+            assert [c.name for c in cmd.configs] == ["collector", "driver"]
+            assert cmd.configs[0] == _cfg("collector", "1.0")
+            assert list(cmd.configs[1].download_urls) == ["u"]
+            # Another agent gets nothing pushed.
+            other = FakeAgent(dc, agent_id="agent-2")
+            await other.send([wire.encode_record(1000, 1, HEARTBEAT)])
+            await dc.wait_for_agent("agent-2")
+            with pytest.raises(asyncio.TimeoutError):
+                await other.read_command(timeout=0.3)
+            await agent.close()
+            await other.close()
+
+    async def second():
+        # A new devcenter on the same database remembers the configs.
+        async with devcenter(tmp_path) as dc:
+            assert [c.name for c in dc.configs("agent-1")] == ["collector", "driver"]
+            agent = FakeAgent(dc)
+            await agent.send([])
+            cmd = grpc_pb2.Command.FromString(await agent.read_command())
+            assert [c.version for c in cmd.configs] == ["1.0", "2"]
+            dc.set_configs("agent-1", None)
+            assert dc.configs("agent-1") is None
+            await agent.close()
+
+    run(first())
+    run(second())
+
+
+def test_send_command_objects_and_raw_bytes(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc)
+            await agent.send([])
+            await dc.wait_for_agent("agent-1")
+            cmd = grpc_pb2.Command(task=grpc_pb2.Task(data_type=1051, object_name="elkeid-agent",
+                                                      data='{"idc":"x"}', token="t1"))
+            await dc.send_command("agent-1", cmd)
+            assert await agent.read_command() == cmd.SerializeToString()
+            # Malformed bytes go out exactly as given.
+            await dc.send_command("agent-1", b"\x12\xff\x01")
+            assert await agent.read_command() == b"\x12\xff\x01"
+            assert dc.connection("agent-1")["commands_sent"] == 2
+            with pytest.raises(AgentNotConnected):
+                await dc.send_command("nobody", cmd)
+            await agent.close()
+    run(main())
+
+
+def test_disconnect_aborts_stream_and_reconnect_supersedes(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            a1 = FakeAgent(dc)
+            await a1.send([])
+            await dc.wait_for_agent("agent-1")
+            await dc.disconnect("agent-1", reason="test says bye")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await a1.read_command()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "test says bye" in info.value.details()
+            assert dc.connected() == []
+            with pytest.raises(AgentNotConnected):
+                await dc.disconnect("agent-1")
+            # Two streams, same id: the newer one wins, the older is closed.
+            b1, b2 = FakeAgent(dc), FakeAgent(dc)
+            await b1.send([])
+            first = await dc.wait_for_agent("agent-1")
+            await b2.send([])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await b1.read_command()
+            assert "superseded" in info.value.details()
+            now = dc.connection("agent-1")
+            assert now["connected_at"] >= first["connected_at"]
+            await dc.send_command("agent-1", b"\x12\x00")
+            assert await b2.read_command() == b"\x12\x00"
+            for a in (a1, b1, b2):
+                await a.close()
+    run(main())
+
+
+def test_command_json_mapping():
+    cmd, has_config = command_from_json({
+        "task": {"data_type": 1050, "name": "elkeid-agent", "data": "{}", "token": "tok"},
+        "config": [{"name": "p", "type": "tar.gz", "version": "1", "sha256": "s",
+                    "signature": "g", "download_url": ["a", "b"], "detail": "d"}]})
+    assert has_config
+    assert cmd.task == grpc_pb2.Task(data_type=1050, object_name="elkeid-agent", data="{}",
+                                     token="tok")
+    assert cmd.configs[0] == grpc_pb2.Config(name="p", type="tar.gz", version="1", sha256="s",
+                                             signature="g", download_urls=["a", "b"], detail="d")
+    empty, has_config = command_from_json({"config": []})
+    assert has_config and empty.SerializeToString() == b""
+    for bad in ({}, {"task": {"data_type": "1"}}, {"task": {"data_type": True}},
+                {"task": {"data_type": 2 ** 31}}, {"task": {"name": 5}},
+                {"config": {"name": "x"}}, {"config": [{"download_url": "x"}]},
+                {"config": ["x"]}, {"task": {"bogus": 1}}, {"extra": 1, "task": {}}, []):
+        with pytest.raises(ValueError):
+            command_from_json(bad)
+
+
+# ---------------------------------------------------------------- HTTP API
+
+def test_http_api_endpoints(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            assert await ahttp(dc, "GET", "/ping") == (200, {"code": 0, "msg": "success",
+                                                            "data": "pong"})
+            assert (await ahttp(dc, "GET", "/conn/count"))[1]["data"] == 0
+            agent = FakeAgent(dc)
+            await agent.send([wire.encode_record(1000, 1700000000, HEARTBEAT),
+                              wire.encode_record(1001, 1700000000,
+                                                 {"name": "collector", "cpu": "0.1"}),
+                              wire.encode_record(2001, 1700000001, {"exe": "/bin/sh"})])
+            await dc.wait_for_records(3)
+            assert (await ahttp(dc, "GET", "/conn/count"))[1]["data"] == 1
+
+            status, body = await ahttp(dc, "GET", "/conn/list")
+            assert status == 200 and len(body["data"]) == 1
+            entry = body["data"][0]
+            assert entry["agent_id"] == "agent-1" and entry["hostname"] == "host-1"
+            assert entry["intranet_ipv4"] == ["10.0.0.5"] and entry["version"] == "1.9.0"
+            assert entry["last_heartbeat"] == HEARTBEAT and entry["last_heartbeat_at"]
+            assert entry["plugins"]["collector"]["fields"]["cpu"] == "0.1"
+
+            status, body = await ahttp(dc, "GET", "/conn/stat")
+            stats = body["data"]
+            assert stats["connections"] == 1 and stats["records_total"] == 3
+            assert stats["agents"]["agent-1"]["records"] == 3
+            assert stats["stored"]["agent-1"] == {"1000": 1, "1001": 1, "2001": 1}
+
+            status, body = await ahttp(dc, "GET", "/records?agent_id=agent-1&data_type=2001")
+            assert status == 200 and len(body["data"]) == 1
+            rec = body["data"][0]
+            assert rec["fields"] == {"exe": "/bin/sh"}
+            assert base64.b64decode(rec["raw"]) == wire.encode_record(
+                2001, 1700000001, {"exe": "/bin/sh"})
+            status, body = await ahttp(dc, "GET", "/records?limit=1&newest=1")
+            assert [r["data_type"] for r in body["data"]] == [2001]
+            status, body = await ahttp(dc, "GET", "/records?after=%d" % rec["id"])
+            assert body["data"] == []
+
+            # POST /command/ with a task: name -> object_name.
+            task = {"data_type": 1050, "name": "elkeid-agent",
+                    "data": '{"path":"/etc/hosts","buf_size":1024}', "token": "up-1"}
+            status, body = await ahttp(dc, "POST", "/command/",
+                                       {"agent_id": "agent-1", "command": {"task": task}})
+            assert (status, body["code"]) == (200, 0)
+            cmd = grpc_pb2.Command.FromString(await agent.read_command())
+            assert cmd.task.object_name == "elkeid-agent" and cmd.task.token == "up-1"
+            assert dc.configs("agent-1") is None  # a task is not a config
+
+            # With config: delivered and remembered (pushed on reconnect).
+            config = [{"name": "collector", "type": "exec", "version": "1.0.0",
+                       "sha256": "00" * 32, "signature": "", "download_url": ["http://a/b"],
+                       "detail": ""}]
+            status, body = await ahttp(dc, "POST", "/command",
+                                       {"agent_id": "agent-1", "command": {"config": config}})
+            assert status == 200
+            cmd = grpc_pb2.Command.FromString(await agent.read_command())
+            assert cmd.configs[0].download_urls == ["http://a/b"]
+            assert [c.name for c in dc.configs("agent-1")] == ["collector"]
+            status, body = await ahttp(dc, "GET", "/configs?agent_id=agent-1")
+            assert body["data"] == config
+
+            status, text = await ahttp(dc, "GET", "/metrics")
+            assert status == 200
+            assert re.search(r"^elkeid_devcenter_records_total 3$", text, re.M)
+            assert re.search(r"^elkeid_devcenter_connections 1$", text, re.M)
+            assert re.search(r"^elkeid_devcenter_commands_sent_total 2$", text, re.M)
+            assert "elkeid_devcenter_bytes_total" in text
+
+            status, body = await ahttp(dc, "GET", "/uploads")
+            assert (status, body["data"]) == (200, [])
+
+            status, body = await ahttp(dc, "POST", "/conn/reset", {"agent_id": ["agent-1", "x"]})
+            assert status == 200 and body["data"] == {"reset": ["agent-1"], "not_found": ["x"]}
+            with pytest.raises(grpc.aio.AioRpcError):
+                await agent.read_command()
+            assert (await ahttp(dc, "GET", "/conn/count"))[1]["data"] == 0
+
+            # Reconnecting gets the configs set over HTTP.
+            again = FakeAgent(dc)
+            await again.send([])
+            cmd = grpc_pb2.Command.FromString(await again.read_command())
+            assert [c.name for c in cmd.configs] == ["collector"]
+            await again.close()
+            await agent.close()
+    run(main())
+
+
+def test_http_api_errors(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            cases = [
+                ("POST", "/command/", None, b"{not json", 400, "JSON"),
+                ("POST", "/command/", None, b"", 400, "JSON"),
+                ("POST", "/command/", None, b"\xff\xfe", 400, "JSON"),
+                ("POST", "/command/", [1, 2], None, 400, "object"),
+                ("POST", "/command/", {"command": {"task": {}}}, None, 400, "agent_id"),
+                ("POST", "/command/", {"agent_id": 5, "command": {}}, None, 400, "agent_id"),
+                ("POST", "/command/", {"agent_id": "a"}, None, 400, "command"),
+                ("POST", "/command/", {"agent_id": "a", "command": {}}, None, 400, "task or"),
+                ("POST", "/command/", {"agent_id": "a", "command": {"task": {"data_type": "x"}}},
+                 None, 400, "data_type"),
+                ("POST", "/command/", {"agent_id": "a", "command": {"config": [{"name": 1}]}},
+                 None, 400, "config.name"),
+                ("POST", "/command/", {"agent_id": "ghost", "command": {"task": {}}}, None, 404,
+                 "not connected"),
+                ("GET", "/command/", None, None, 405, "POST"),
+                ("POST", "/ping", None, b"{}", 405, "GET"),
+                ("GET", "/nope", None, None, 404, "no such endpoint"),
+                ("POST", "/conn/reset", {"agent_id": "ghost"}, None, 404, "not connected"),
+                ("POST", "/conn/reset", {"agent_id": 7}, None, 400, "agent_id"),
+                ("POST", "/conn/reset", {"agent_id": []}, None, 400, "agent_id"),
+                ("GET", "/records?limit=x", None, None, 400, "limit"),
+                ("GET", "/records?limit=-1", None, None, 400, "limit"),
+                ("GET", "/configs", None, None, 400, "agent_id"),
+                ("GET", "/configs?agent_id=ghost", None, None, 404, "ghost"),
+            ]
+            for method, path, body, raw, want, text in cases:
+                status, answer = await ahttp(dc, method, path, body, raw)
+                assert status == want, (method, path, body, raw, answer)
+                assert answer["code"] == 1 and text in answer["msg"], (path, answer)
+            # Unknown agent with config: nothing remembered.
+            assert dc.configs("ghost") is None
+            status, text = await ahttp(dc, "GET", "/metrics")
+            n400 = sum(1 for case in cases if case[4] == 400)
+            assert re.search(r'^elkeid_devcenter_http_requests_total\{code="400"\} %d$' % n400,
+                             text, re.M), text
+            # Still serving after all of that.
+            assert (await ahttp(dc, "GET", "/ping"))[0] == 200
+    run(main())
+
+
+def test_http_body_too_large_is_refused(tmp_path):
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            status, answer = await ahttp(dc, "POST", "/command/", raw=b"x" * (1024 * 1024 + 1))
+            assert status == 413 and answer["code"] == 1
+    run(main())
+
+
+# ---------------------------------------------------------------- uploads
+
+async def _upload(dc, chunks, peer_channel=None):
+    ch = peer_channel or channel(dc)
+    call = ch.stream_unary("/grpc.FileExt/Upload", request_serializer=None,
+                           response_deserializer=None)
+    resp = await call(iter(chunks))
+    if peer_channel is None:
+        await ch.close()
+    return grpc_pb2.FileUploadResponse.FromString(resp).status
+
+
+def _chunk(token, data):
+    return grpc_pb2.FileUploadRequest(token=token, data=data).SerializeToString()
+
+
+def test_upload_stored_with_sha256_and_agent(tmp_path):
+    content = os.urandom(300000)
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc)
+            await agent.send([])
+            await dc.wait_for_agent("agent-1")
+            status = await _upload(dc, [_chunk("tok-1", content[:100000]),
+                                        _chunk("tok-1", content[100000:])],
+                                   peer_channel=agent.channel)
+            assert status == grpc_pb2.FileUploadResponse.SUCCESS
+            # An upload on its own channel is attributed through the token of
+            # the 1050 task sent to the agent.
+            await dc.send_command("agent-1", grpc_pb2.Command(task=grpc_pb2.Task(
+                data_type=1050, object_name="elkeid-agent", token="tok-2")))
+            assert await _upload(dc, [_chunk("tok-2", b"abc")]) == 0
+            status, body = await ahttp(dc, "GET", "/uploads?token=tok-1")
+            assert [u["token"] for u in body["data"]] == ["tok-1"]
+            await agent.close()
+            return dc.store.uploads(), dc.metrics.get("uploads_total", status="success")
+
+    rows, ok = run(main())
+    assert ok == 2
+    first, second = rows
+    assert first["token"] == "tok-1" and first["status"] == "success"
+    assert first["agent_id"] == "agent-1" and second["agent_id"] == "agent-1"
+    assert first["size"] == len(content)
+    assert first["sha256"] == hashlib.sha256(content).hexdigest()
+    assert first["path"] == str(tmp_path / "uploads" / "tok-1")
+    assert _read(first["path"]) == content
+    assert _read(second["path"]) == b"abc"
+    assert sorted(os.listdir(tmp_path / "uploads")) == ["tok-1", "tok-2"]
+
+
+def test_upload_tokens_cannot_escape_the_uploads_dir(tmp_path):
+    tokens = ["../../evil", "/etc/passwd", "..", "", "a/../../b", "..\\..\\c", "x\x00y",
+              ".hidden", "tok-1"]
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            for token in tokens:
+                assert await _upload(dc, [_chunk(token, token.encode() + b"!")]) == 0
+            return dc.store.uploads()
+
+    rows = run(main())
+    updir = os.path.realpath(str(tmp_path / "uploads"))
+    names = []
+    for row, token in zip(rows, tokens):
+        assert row["token"] == token and row["status"] == "success"
+        assert os.path.dirname(os.path.realpath(row["path"])) == updir
+        assert _read(row["path"]) == token.encode() + b"!"
+        names.append(os.path.basename(row["path"]))
+    assert names == ["evil", "etc_passwd", "upload", "upload.1", "a_.._.._b", "c", "x_y",
+                     "hidden", "tok-1"]
+    # "../../evil" relative to tmp_path/uploads would be tmp_path.parent/evil.
+    assert not os.path.exists(str(tmp_path / "evil"))
+    assert not os.path.exists(str(tmp_path.parent / "evil"))
+
+
+def test_safe_name():
+    assert safe_name("../../etc/passwd") == "etc_passwd"
+    assert safe_name("...") == "upload"
+    assert safe_name("a" * 500) == "a" * 120
+    assert safe_name("ok-Name_1.tar.gz") == "ok-Name_1.tar.gz"
+    for token in ("../x", "..", "/", "\\..\\", "a/../b"):
+        name = safe_name(token)
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_failed_uploads_leave_no_file(tmp_path):
+    async def main():
+        async with devcenter(tmp_path, max_upload_bytes=10) as dc:
+            too_big = await _upload(dc, [_chunk("big", b"123456"), _chunk("big", b"789012")])
+            malformed = await _upload(dc, [_chunk("bad", b"1"), b"\xff\xff"])
+            empty = await _upload(dc, [])
+            return (too_big, malformed, empty), dc.store.uploads(), dc.metrics
+
+    statuses, rows, metrics = run(main())
+    assert statuses == (grpc_pb2.FileUploadResponse.FAILED,) * 3
+    assert [r["status"] for r in rows] == ["failed"] * 3
+    assert "exceeds" in rows[0]["error"] and "malformed" in rows[1]["error"]
+    assert "empty" in rows[2]["error"]
+    assert all(r["path"] is None for r in rows)
+    assert os.listdir(str(tmp_path / "uploads")) == []
+    assert metrics.get("decode_errors_total", kind="upload") == 1
+    assert metrics.get("uploads_total", status="failed") == 3
+
+
+# ---------------------------------------------------------------- misc
+
+def test_parse_address_is_loopback_only():
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address("[::1]:6751") == ("::1", 6751)
+    assert parse_address("localhost:5") == ("127.0.0.1", 5)
+    for bad in ("0.0.0.0:1", "10.0.0.1:1", "[::]:1", "example.com:1", "127.0.0.1", "1:x",
+                "127.0.0.1:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_ipv6_loopback(tmp_path):
+    if not _has_ipv6():
+        pytest.skip("no IPv6 loopback here")
+
+    async def main():
+        dc = DevCenter(grpc_addr="[::1]:0", http_addr="[::1]:0", certs_dir=str(tmp_path / "c"),
+                       db_path=str(tmp_path / "db"))
+        await dc.start()
+        try:
+            assert dc.listening_line() == "devcenter listening grpc=[::1]:%d http=[::1]:%d" % (
+                dc.grpc_port, dc.http_port)
+            loop = asyncio.get_running_loop()
+            status = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
+                "http://[::1]:%d/ping" % dc.http_port, timeout=10).status)
+            assert status == 200
+        finally:
+            await dc.stop()
+    run(main())
+
+
+def _has_ipv6():
+    import socket
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+def test_summary_lines():
+    stats = {"connections": 1, "records_total": 25000, "messages_total": 10,
+             "bytes_total": 5 << 20, "stored_records": 20000, "decode_errors_total": 2}
+    prev = {"records_total": 5000, "messages_total": 0, "bytes_total": 0}
+    info = {"agent_id": "a1", "hostname": "h", "version": "1.0", "records": 25000,
+            "last_heartbeat": HEARTBEAT, "last_heartbeat_at": 990.0,
+            "plugins": {"collector": {}}}
+    lines = format_summary(stats, [info], prev, 10.0, now=1000.0)
+    assert lines[0].startswith("devcenter: 1 agent | 2.0k rec/s 1 msg/s 512.0KiB/s")
+    assert "total 25.0k records, 20.0k stored" in lines[0] and "2 decode errors" in lines[0]
+    assert lines[1] == ("  a1 host=h v1.0 rec=25.0k cpu=1.2% rss=38.1MiB state=running "
+                        "net_mode=private hb=10s ago plugins=collector")
+    many = format_summary(stats, [dict(info, agent_id=str(i)) for i in range(25)], None, 5)
+    assert len(many) == 22 and many[-1] == "  ... and 5 more agents"
+
+
+def test_cli_subprocess_port_zero_and_sigterm(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elkeid_agent.devcenter", "--grpc", "127.0.0.1:0",
+         "--http", "127.0.0.1:0", "--certs", str(tmp_path / "certs"),
+         "--db", str(tmp_path / "dc.db"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    lines = []
+    found = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line.decode())
+            if line.startswith(b"devcenter listening"):
+                found.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        assert found.wait(60), (lines, proc.poll())
+        m = re.match(r"devcenter listening grpc=127\.0\.0\.1:(\d+) http=127\.0\.0\.1:(\d+)",
+                     lines[-1])
+        assert m, lines
+        http_port = int(m.group(2))
+        assert int(m.group(1)) > 0 and http_port > 0
+        with urllib.request.urlopen("http://127.0.0.1:%d/ping" % http_port, timeout=10) as r:
+            assert json.loads(r.read())["data"] == "pong"
+        for name in certs.FILES:
+            assert os.path.isfile(str(tmp_path / "certs" / name))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_refuses_non_loopback(tmp_path):
+    from elkeid_agent.devcenter.__main__ import main
+    assert main(["--grpc", "0.0.0.0:0", "--http", "127.0.0.1:0", "--certs",
+                 str(tmp_path / "c"), "--db", str(tmp_path / "db"), "--quiet"]) == 2
