@@ -203,10 +203,13 @@ def test_records_stored_byte_exact_with_header_and_fields(tmp_path):
             await agent.send([canonical, odd, bare, not_payload])
             recs = await dc.wait_for_records(lambda rs: len(rs) >= 4)
             await agent.close()
-            return recs, dc.metrics.get("decode_errors_total", kind="payload")
+            return recs, dc.metrics.get("decode_errors_total", kind="payload"), dc
 
-    recs, payload_errors = run(main())
+    recs, payload_errors, dc = run(main())
     assert [r["raw"] for r in recs] == [canonical, odd, bare, not_payload]
+    # The store still answers after stop (it reads the file).
+    assert [r["raw"] for r in dc.store.records()] == [r["raw"] for r in recs]
+    assert dc.store.count() == 4
     first = recs[0]
     assert first["agent_id"] == "agent-1" and first["hostname"] == "host-1"
     assert first["version"] == "1.9.0" and first["product"] == "elkeid-agent"
@@ -384,7 +387,7 @@ def test_disconnect_aborts_stream_and_reconnect_supersedes(tmp_path):
                 await b1.read_command()
             assert "superseded" in info.value.details()
             now = dc.connection("agent-1")
-            assert now["connected_at"] >= first["connected_at"]
+            assert now["peer"] != first["peer"]  # separate channels, separate ports
             await dc.send_command("agent-1", b"\x12\x00")
             assert await b2.read_command() == b"\x12\x00"
             for a in (a1, b1, b2):
@@ -753,6 +756,33 @@ def test_cli_subprocess_port_zero_and_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_start_fails_cleanly_when_http_port_is_taken(tmp_path):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+
+    async def main():
+        dc = DevCenter(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:%d" % taken.getsockname()[1],
+                       certs_dir=str(tmp_path / "certs"), db_path=str(tmp_path / "dc.db"))
+        with pytest.raises(OSError):
+            await dc.start()
+        await dc.stop()  # harmless after a failed start
+        # The same database opens again: the failed start closed it.
+        async with devcenter(tmp_path) as dc2:
+            assert dc2.grpc_port
+    try:
+        run(main())
+    finally:
+        taken.close()
+
+
+def test_bench_tool_counts_every_record():
+    from elkeid_agent.devcenter import bench
+    result = bench.run(records=3000, batch=1000, size=200, store="counts", gzip=False)
+    assert result["records"] == 3000 and result["message_bytes"] > 200 * 1000
 
 
 def test_cli_refuses_non_loopback(tmp_path):

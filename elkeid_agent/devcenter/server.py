@@ -273,6 +273,8 @@ class DevCenter:
 
     async def stop(self, grace=1.0):
         """Close every stream, stop both servers, flush the store."""
+        if self._loop is None:
+            return  # never started
         if self._http is not None:
             await self._loop.run_in_executor(None, self._http.stop)
             self._http = None
@@ -456,17 +458,21 @@ class DevCenter:
         try:
             done, _ = await asyncio.wait({reader, writer, conn.kill},
                                          return_when=asyncio.FIRST_COMPLETED)
+            for task in (reader, writer):
+                if task in done and not task.cancelled() and task.exception() is not None:
+                    log.warning("stream of %s (%s) ended: %r", conn.agent_id, conn.peer,
+                                task.exception())
+            if conn.kill in done:
+                reason = conn.kill.result()
+                log.info("closing stream of %s (%s): %s", conn.agent_id, conn.peer, reason)
+                # The agent sees UNAVAILABLE with this reason. (A grpc-python
+                # client busy writing at that moment may report INTERNAL
+                # instead: its failed write overrides the status it got.)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         finally:
             reader.cancel()
             writer.cancel()
             self._unregister(conn)
-        for task in (reader, writer):
-            if task in done and not task.cancelled() and task.exception() is not None:
-                log.warning("stream of %s (%s) ended: %r", conn.agent_id, conn.peer,
-                            task.exception())
-        if conn.kill in done:
-            log.info("closing stream of %s (%s): %s", conn.agent_id, conn.peer, conn.kill.result())
-            await context.abort(grpc.StatusCode.UNAVAILABLE, conn.kill.result())
 
     def _unregister(self, conn):
         self._streams.discard(conn)
