@@ -151,17 +151,19 @@ class AgentTasks:
 
 
 def _open_regular(path, limit):
+    # O_NONBLOCK: opening a FIFO named by the server must not hang a worker
+    # thread; it is refused below as not a regular file anyway.
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         raise ServerFault("cannot open %s: %s" % (path, e.strerror)) from None
     try:
-        st = os.fstat(f.fileno())
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ServerFault("%s is not a regular file" % path)
         if st.st_size > limit:
             raise ServerFault("size limit exceeded: (%d/%d)" % (st.st_size, limit))
     except BaseException:
-        f.close()
+        os.close(fd)
         raise
-    return f
+    return os.fdopen(fd, "rb")

@@ -259,7 +259,7 @@ class Agent:
         if self.transport is not None:
             await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
         if self.debug is not None:
-            await self.debug.stop()
+            await self.debug.close()
         if self.pidlock is not None:
             self.pidlock.release()
         loop = asyncio.get_running_loop()

@@ -86,6 +86,12 @@ class Settings:
     batch_max_records: int = 4096
     batch_max_bytes: int = 2 * 1024 * 1024
     flush_delay: float = 0.005
+    # Elkeid's stream has no acknowledgements: a message grpc accepted may
+    # still be in socket buffers when the stream breaks. Batches written in
+    # the last replay_seconds (at most replay_max_bytes) are sent again on
+    # the next stream: duplicates instead of silent loss.
+    replay_seconds: float = 5.0
+    replay_max_bytes: int = 8 * 1024 * 1024
     log_max_bytes: int = 1024 * 1024
     log_backups: int = 10
     # Error-level log lines sent to the server as 1010, at most this many

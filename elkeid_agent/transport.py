@@ -11,7 +11,11 @@ itself and parses Commands itself, so a malformed server message is a counted
 error instead of an exception inside grpc.
 
 Failure handling: a batch whose write did not complete is requeued (it goes
-out first on the next stream). The stream is re-established 5 s after it is
+out first on the next stream). Elkeid's stream has no acknowledgements, so
+a message grpc accepted may still be in flight when the stream breaks; the
+batches written in the last few seconds (bounded by bytes) are kept in a
+replay window and requeued too when a stream ends: at-least-once delivery,
+with the resent records counted (``transport_replayed_records``). The stream is re-established 5 s after it is
 lost; while no endpoint answers, attempts back off to a cap and never stop
 (the Go agent exits after six failures, discarding what it holds).
 """
@@ -19,6 +23,7 @@ lost; while no endpoint answers, attempts back off to a cap and never stop
 import asyncio
 import logging
 import time
+from collections import deque
 
 import grpc
 
@@ -110,11 +115,18 @@ class Transport:
         self._connected = asyncio.Event()
         self._run_task = None
         self._reconnect = asyncio.Event()
+        self._window = deque()  # (written_at, batch, nbytes) on the current stream
+        self._window_bytes = 0
+        self._writing = False  # a batch is between take_batch and write()
+        self._clean_end = False  # the last stream ended with the server's OK
+        self._half_closed = None  # the call we half-closed (only then is OK a receipt)
         self._backoff = endpoints.Backoff(settings.reconnect_delay, settings.reconnect_max_delay)
         metrics.set("transport_connected", lambda: 1 if self._call is not None else 0)
         metrics.describe("transport_connect_failures", "dial attempts that failed, by net_mode")
         metrics.describe("transport_stream_errors", "Transfer streams that ended abnormally")
         metrics.describe("transport_requeued_records", "records put back after a failed write")
+        metrics.describe("transport_replayed_records",
+                         "records resent because their stream broke soon after they were written")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -135,22 +147,38 @@ class Transport:
         self._reconnect.set()
 
     async def stop(self, flush_timeout=5.0):
-        """Flush what is queued while the stream is up (bounded), then close."""
-        self._stopping = True
-        if self._call is not None and flush_timeout > 0:
-            deadline = time.monotonic() + flush_timeout
-            while self.queue.pending() and self._call is not None and time.monotonic() < deadline:
+        """Deliver what is queued (bounded by ``flush_timeout``), then close.
+
+        The reconnect loop keeps running while draining, so a stream that
+        breaks during shutdown is re-established if the server is there.
+        Delivery is confirmed only by the server ending the stream cleanly
+        after our half-close; any other end replays the window and drains
+        again. Whatever is still queued at the deadline is counted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout
+
+        def running():
+            return self._run_task is not None and not self._run_task.done()
+
+        while running() and loop.time() < deadline:
+            if self.queue.pending() or self._writing or self._call is None:
+                if not self.queue.pending() and not self._writing and self._call is None \
+                        and not self._window:
+                    break  # nothing queued and nothing unconfirmed
                 await asyncio.sleep(0.01)
-            if self._call is not None:
-                try:
-                    await asyncio.wait_for(self._call.done_writing(), 1.0)
-                    # Half-closed: AgentCenter ends the stream once it has
-                    # read everything; cancelling earlier could drop the tail.
-                    deadline = time.monotonic() + 2.0
-                    while self._call is not None and time.monotonic() < deadline:
-                        await asyncio.sleep(0.01)
-                except Exception:  # the stream may already be gone; nothing to flush then
-                    pass
+                continue
+            call = self._call
+            self._clean_end = False
+            self._half_closed = call
+            try:
+                await asyncio.wait_for(call.done_writing(), max(0.1, deadline - loop.time()))
+            except Exception:  # the stream is going away; the window replays
+                pass
+            while self._call is call and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            if self._clean_end and not self.queue.pending():
+                break
+        self._stopping = True
         if self._run_task is not None:
             self._run_task.cancel()
             try:
@@ -158,6 +186,10 @@ class Transport:
             except asyncio.CancelledError:
                 pass
         await self._close_channel()
+        left = self.queue.pending()
+        if left:
+            self.metrics.inc("records_undelivered_at_exit", left)
+            log.error("%d records could not be delivered before exit", left)
 
     # ------------------------------------------------------------ connect
 
@@ -277,6 +309,11 @@ class Transport:
             self._call = None
             self._connected.clear()
             call.cancel()
+            # The server's OK confirms receipt only after our half-close: a
+            # server that ends the stream on its own may not have read it all.
+            self._clean_end = (self._half_closed is call and receiver in done
+                               and not receiver.cancelled() and receiver.exception() is None)
+            self._replay_window()
         if reconnect in done:
             return
         for task in done:
@@ -297,14 +334,37 @@ class Transport:
                 continue
             message = wire.packaged_data(batch, self.header())
             written = False
+            self._writing = True
             try:
                 await call.write(message)
                 written = True
             finally:
+                self._writing = False
                 if not written:
                     q.requeue(batch)
                     self.metrics.inc("transport_requeued_records", len(batch))
             self.stats.sent(len(message), len(batch))
+            self._remember(batch, len(message))
+
+    def _remember(self, batch, nbytes):
+        now = time.monotonic()
+        w = self._window
+        w.append((now, batch, nbytes))
+        self._window_bytes += nbytes
+        horizon = now - self.settings.replay_seconds
+        while w and (self._window_bytes > self.settings.replay_max_bytes or w[0][0] < horizon):
+            self._window_bytes -= w.popleft()[2]
+
+    def _replay_window(self):
+        """Requeue what may have been in flight when the stream ended,
+        unless the server ended it cleanly (it has read everything)."""
+        w, self._window = self._window, deque()
+        self._window_bytes = 0
+        if self._clean_end or not w:
+            return
+        records = [body for _t, batch, _n in w for body in batch]
+        self.queue.requeue(records)
+        self.metrics.inc("transport_replayed_records", len(records))
 
     async def _recv_loop(self, call):
         while True:
