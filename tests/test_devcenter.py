@@ -549,6 +549,33 @@ def test_http_api_errors(tmp_path):
     run(main())
 
 
+def test_http_command_timeout_and_stream_end_map_to_5xx(tmp_path, monkeypatch):
+    from elkeid_agent.devcenter import httpapi
+    monkeypatch.setattr(httpapi, "LOOP_TIMEOUT", 1.5)
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc)
+            await agent.send([])
+            await dc.wait_for_agent("agent-1")
+            body = {"agent_id": "agent-1", "command": {"task": {"data_type": 1}}}
+
+            async def never(agent_id, command, timeout):
+                await asyncio.sleep(30)
+
+            async def stream_gone(agent_id, command, timeout):
+                raise ConnectionError("stream of agent-1 closed before the command was written")
+
+            dc.send_command = never
+            status, answer = await ahttp(dc, "POST", "/command/", body)
+            assert status == 504 and "agent-1" in answer["msg"]
+            dc.send_command = stream_gone
+            status, answer = await ahttp(dc, "POST", "/command/", body)
+            assert status == 503 and "closed" in answer["msg"]
+            await agent.close()
+    run(main())
+
+
 def test_http_body_too_large_is_refused(tmp_path):
     async def main():
         async with devcenter(tmp_path) as dc:

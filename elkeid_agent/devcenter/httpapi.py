@@ -15,6 +15,7 @@ AgentCenter's: ``{"code": 0, "msg": "success", "data": ...}``; errors carry
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import socket
@@ -101,9 +102,16 @@ class HttpApi:
         self.server.server_close()
         self._thread.join()
 
-    def on_loop(self, coro):
-        """Run ``coro`` on the devcenter's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(LOOP_TIMEOUT)
+    def on_loop(self, coro, what="the devcenter"):
+        """Run ``coro`` on the devcenter's loop and return its result; a
+        timeout (of the wait here or inside ``coro``) becomes a 504."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(LOOP_TIMEOUT)
+        except (asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError):
+            # Three names for one thing on 3.11+, distinct classes on 3.9.
+            future.cancel()  # do not leave the work running on the loop
+            raise HttpError(504, "timed out waiting for %s" % what) from None
 
     # ------------------------------------------------------------ routes
 
@@ -160,13 +168,11 @@ class HttpApi:
             await dc.send_command(agent_id, cmd, timeout=LOOP_TIMEOUT - 1)
 
         try:
-            self.on_loop(deliver())
+            self.on_loop(deliver(), "agent %s to take the command" % agent_id)
         except AgentNotConnected as e:
             raise HttpError(404, str(e)) from None
         except ConnectionError as e:
             raise HttpError(503, str(e)) from None
-        except (asyncio.TimeoutError, TimeoutError):
-            raise HttpError(504, "agent %s did not take the command in time" % agent_id) from None
         return _ok()
 
     def conn_list(self, query, body):
