@@ -59,7 +59,7 @@ def _read(path):
         return f.read()
 
 
-def channel(dc, client_cert=True, ca=None, bundle=None):
+def channel(dc, client_cert=True, ca=None, bundle=None, compression=None):
     bundle = bundle or dc.bundle
     kw = {"root_certificates": ca or _read(bundle.ca)}
     if client_cert:
@@ -67,7 +67,8 @@ def channel(dc, client_cert=True, ca=None, bundle=None):
         kw["certificate_chain"] = _read(bundle.client_crt)
     creds = grpc.ssl_channel_credentials(**kw)
     return grpc.aio.secure_channel("127.0.0.1:%d" % dc.grpc_port, creds,
-                                   options=[("grpc.ssl_target_name_override", "elkeid.com")])
+                                   options=[("grpc.ssl_target_name_override", "elkeid.com")],
+                                   compression=compression)
 
 
 class FakeAgent:
@@ -186,6 +187,33 @@ def test_client_without_certificate_or_from_other_ca_is_rejected(tmp_path):
     run(main())
 
 
+def test_client_pinging_too_often_is_disconnected(tmp_path):
+    # AgentCenter's keepalive policy: pings closer than 5 s apart earn
+    # strikes, then GOAWAY too_many_pings. The agent's keepalive must not
+    # trip this; here a client pinging every second does.
+    async def main():
+        async with devcenter(tmp_path, http_addr=None) as dc:
+            b = dc.bundle
+            creds = grpc.ssl_channel_credentials(_read(b.ca), _read(b.client_key),
+                                                 _read(b.client_crt))
+            ch = grpc.aio.secure_channel("127.0.0.1:%d" % dc.grpc_port, creds, options=[
+                ("grpc.ssl_target_name_override", "elkeid.com"),
+                ("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0)])
+            call = ch.stream_stream("/grpc.Transfer/Transfer", request_serializer=None,
+                                    response_deserializer=None)()
+            await call.write(wire.packaged_data([], wire.encode_header(
+                "pinger", [], [], [], [], "h", "v", "elkeid-agent")))
+            await dc.wait_for_agent("pinger")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 60)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "ping" in info.value.details().lower()
+            await dc.wait_for_disconnect("pinger")
+            await ch.close()
+    run(main(), timeout=90)
+
+
 # ---------------------------------------------------------------- records
 
 def test_records_stored_byte_exact_with_header_and_fields(tmp_path):
@@ -222,6 +250,22 @@ def test_records_stored_byte_exact_with_header_and_fields(tmp_path):
     assert recs[3]["fields"] is None and "Payload" in recs[3]["decode_error"]
     assert recs[0]["decode_error"] is None
     assert payload_errors == 1
+
+
+def test_gzip_compressed_messages_are_accepted(tmp_path):
+    bodies = [wire.encode_record(2001, i, {"line": "x" * 200}) for i in range(100)]
+
+    async def main():
+        async with devcenter(tmp_path) as dc:
+            agent = FakeAgent(dc, compression=grpc.Compression.Gzip)
+            await agent.send(bodies)
+            recs = await dc.wait_for_records(lambda rs: len(rs) == 100)
+            # grpc hands over the decompressed message; that is what counts.
+            assert dc.metrics.get("bytes_total") == len(wire.packaged_data(bodies, agent.header()))
+            await agent.close()
+            return recs
+
+    assert [r["raw"] for r in run(main())] == bodies
 
 
 def test_record_spans_match_protobuf_split():
