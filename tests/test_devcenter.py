@@ -276,6 +276,37 @@ def test_record_spans_match_protobuf_split():
     assert [r.SerializeToString() for r in pd.records] == bodies
 
 
+def test_store_survives_a_failed_transaction(tmp_path, monkeypatch):
+    from elkeid_agent.devcenter.store import Store
+    committed = threading.Event()
+    store = Store(str(tmp_path / "s.db"), str(tmp_path / "up"), on_commit=committed.set)
+    store.open()
+    raw = wire.packaged_data([wire.encode_record(1, 2, {"a": "b"})],
+                             wire.encode_header("a", [], [], [], [], "h", "v", "p"))
+    pd = grpc_pb2.PackagedData.FromString(raw)
+    real = Store._message_rows
+
+    def broken(self, *args):
+        raise RuntimeError("simulated failure")
+
+    try:
+        monkeypatch.setattr(Store, "_message_rows", broken)
+        store.add_message(pd, raw)
+        assert committed.wait(10)  # the hook runs after failures too
+        assert store.pending == 0 and store.write_errors == 1 and store.count() == 0
+        # A bad op fails its future instead of leaving its caller waiting.
+        with pytest.raises(ValueError, match="unknown store op"):
+            store.call("bogus").result(10)
+        assert store.write_errors == 2
+        monkeypatch.setattr(Store, "_message_rows", real)
+        store.add_message(pd, raw)
+        store.set_configs("a", b"\x1a\x00").result(10)
+        assert store.pending == 0 and store.count() == 1
+        assert store.records()[0]["raw"] == wire.encode_record(1, 2, {"a": "b"})
+    finally:
+        store.close()
+
+
 def test_malformed_packaged_data_is_counted_and_stream_survives(tmp_path):
     async def main():
         async with devcenter(tmp_path) as dc:

@@ -219,6 +219,9 @@ class DevCenter:
         m.describe("connections", "agents connected now")
         m.describe("store_pending", "record messages waiting for the store writer")
         m.describe("http_requests_total", "HTTP API requests, by status code")
+        m.describe("streams", "Transfer streams open now (identified or not)")
+        m.describe("store_write_errors", "store transactions SQLite refused (their items are lost)")
+        m.describe("messages_without_agent_id_total", "PackagedData with an empty agent_id")
         m.set("connections", lambda: len(self._conns))
         m.set("streams", lambda: len(self._streams))
         m.set("store_pending", lambda: self.store.pending)
@@ -257,7 +260,7 @@ class DevCenter:
         self._server = server
         self.grpc_port = port
         if self.http_addr is not None:
-            from .httpapi import HttpApi
+            from .httpapi import HttpApi  # here: httpapi imports this module
             host, http_port = parse_address(self.http_addr)
             try:
                 self._http = HttpApi(self, host, http_port, self._loop)
@@ -647,7 +650,11 @@ class DevCenter:
                          row["path"], row["size"])
         # The row is committed before the agent hears SUCCESS, so whoever
         # waits for the response can query the store at once.
-        await asyncio.wrap_future(written)
+        try:
+            await asyncio.wrap_future(written)
+        except Exception as e:  # the store logged and counted it
+            log.error("upload token=%r: row not stored (%s); answering FAILED", token, e)
+            status = grpc_pb2.FileUploadResponse.FAILED
         return grpc_pb2.FileUploadResponse(status=status).SerializeToString()
 
     # ------------------------------------------------------------ views

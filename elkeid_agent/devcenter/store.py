@@ -352,18 +352,17 @@ class Store:
     def _write(self, items):
         record_rows = []
         added = {}
-        futures = []
-        other = []
-        messages = 0
-        for item in items:
-            if item[0] == "message":
-                messages += 1
-                self._message_rows(item[1], item[2], item[3], record_rows, added)
-            else:
-                other.append(item)
+        messages = [i for i in items if i[0] == "message"]
+        other = [i for i in items if i[0] != "message"]
+        futures = [future for _op, _args, future in other]
         db = self._writer
         error = None
+        # Everything that can fail is inside the try: whatever happens, the
+        # pending count drops and every future resolves, so no stream waits
+        # on backpressure and no upload waits for its row forever.
         try:
+            for _kind, pd, raw, received_at in messages:
+                self._message_rows(pd, raw, received_at, record_rows, added)
             db.execute("BEGIN")
             if record_rows:
                 db.executemany(
@@ -371,8 +370,7 @@ class Store:
                     " extranet_ipv4, intranet_ipv6, extranet_ipv6, data_type, timestamp,"
                     " fields, raw, received_at, decode_error)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", record_rows)
-            for op, args, future in other:
-                futures.append(future)
+            for op, args, _future in other:
                 if op == "configs":
                     agent_id, command = args
                     if command is None:
@@ -393,12 +391,13 @@ class Store:
             error = e
             self.write_errors += 1
             log.error("store transaction failed (%d items lost): %s", len(items), e)
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
         with self._lock:
-            self._pending -= messages
+            self._pending -= len(messages)
             if error is None:
                 for key, n in added.items():
                     self._counts[key] = self._counts.get(key, 0) + n
