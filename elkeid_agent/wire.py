@@ -234,19 +234,19 @@ def _utf8(view, what):
         raise WireError("%s is not valid UTF-8" % what) from None
 
 
+# A known field arriving with another wire type is an unknown field to the
+# protobuf runtimes (upb, protobuf-go): it is skipped, not an error. The
+# decoders below do the same so they accept exactly what the server accepts.
+
 def decode_payload(buf):
     """Parse a Payload into a dict (later duplicate keys win, as in protobuf)."""
     fields = {}
     for field, wire_type, value in iter_fields(buf):
-        if field != 1:
-            continue  # unknown fields are allowed
-        if wire_type != LEN:
-            raise WireError("Payload.fields has wire type %d" % wire_type)
+        if field != 1 or wire_type != LEN:
+            continue
         key = val = ""
         for efield, ewire, evalue in iter_fields(value):
-            if efield in (1, 2):
-                if ewire != LEN:
-                    raise WireError("map entry field %d has wire type %d" % (efield, ewire))
+            if efield in (1, 2) and ewire == LEN:
                 if efield == 1:
                     key = _utf8(evalue, "map key")
                 else:
@@ -265,17 +265,11 @@ def decode_record(body, deep=True):
     timestamp = 0
     payload = None
     for field, wire_type, value in iter_fields(body):
-        if field == 1:
-            if wire_type != VARINT:
-                raise WireError("Record.data_type has wire type %d" % wire_type)
+        if field == 1 and wire_type == VARINT:
             data_type = _as_int32(value)
-        elif field == 2:
-            if wire_type != VARINT:
-                raise WireError("Record.timestamp has wire type %d" % wire_type)
+        elif field == 2 and wire_type == VARINT:
             timestamp = _as_int64(value)
-        elif field == 3:
-            if wire_type != LEN:
-                raise WireError("Record.data has wire type %d" % wire_type)
+        elif field == 3 and wire_type == LEN:
             payload = value
     fields = None
     if deep:
@@ -288,12 +282,8 @@ def decode_task(body):
     data_type = 0
     strings = {2: "", 3: "", 4: ""}
     for field, wire_type, value in iter_fields(body):
-        if field == 1:
-            if wire_type != VARINT:
-                raise WireError("Task.data_type has wire type %d" % wire_type)
+        if field == 1 and wire_type == VARINT:
             data_type = _as_int32(value)
-        elif field in strings:
-            if wire_type != LEN:
-                raise WireError("Task field %d has wire type %d" % (field, wire_type))
+        elif field in strings and wire_type == LEN:
             strings[field] = _utf8(value, "Task field %d" % field)
     return data_type, strings[2], strings[3], strings[4]

@@ -93,6 +93,12 @@ def test_frame():
     assert wire.frame(b"abc") == struct.pack("<I", 3) + b"abc"
 
 
+def test_known_field_with_other_wire_type_is_unknown_like_protobuf():
+    body = b"\x0a\x00" + b"\x0d\x01\x02\x03\x04" + wire.encode_record(7, 0, {})
+    assert wire.decode_record(body) == (7, 0, {})
+    assert pb.Record.FromString(body).data_type == 7
+
+
 def test_unknown_fields_and_missing_fields_are_fine():
     body = b"\x28\x05" + wire.len_field(9, b"zz") + wire.encode_record(0, 0, {"a": "b"})
     assert wire.decode_record(body) == (0, 0, {"a": "b"})
@@ -103,7 +109,6 @@ def test_unknown_fields_and_missing_fields_are_fine():
 @pytest.mark.parametrize("bad", [
     b"\x08",                       # truncated varint
     b"\x1a\x05ab",                 # length past the end
-    b"\x0a\x00",                   # data_type with the wrong wire type
     b"\x1b",                       # start group
     b"\x00\x01",                   # field 0
     b"\x08" + b"\xff" * 10 + b"\x01",  # varint too long
