@@ -13,11 +13,12 @@ Validation cost (200-byte record, 5 fields, this project's 2-vCPU VM):
 record in total, so a deep parse would multiply the agent's CPU per record
 by ~25 and a generic shallow one by ~5. ``check_record`` accepts exactly
 what ``decode_record(body, deep=False)`` accepts (a differential test checks
-that): every top-level field parses, field 1 and 2 are varints, field 3 is
-length-delimited and in bounds. That is precisely what makes the body a
-valid ``EncodedRecord`` inside ``PackagedData``, i.e. what AgentCenter
-parses; payload contents are the consumer's business, as in Elkeid (whose
-agent forwards payload bytes without looking at them).
+that): the top level parses as protobuf (keys, varints, lengths in bounds).
+That is precisely what makes the body a valid ``EncodedRecord`` inside
+``PackagedData``, i.e. what AgentCenter parses; payload contents are the
+consumer's business, as in Elkeid (whose agent forwards payload bytes
+without looking at them). The fast path recognises the layout every SDK
+emits with one regular expression and defers anything else to wire.py.
 """
 
 import re
