@@ -1,0 +1,1 @@
+"""Misbehaving plugin scripts and the harness the plugin tests share."""
