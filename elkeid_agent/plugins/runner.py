@@ -1,0 +1,517 @@
+"""One plugin's life: spawn, pipes, ingest, tasks, exit, restart.
+
+The asyncio shell around the sans-I/O pieces (FrameDecoder, RestartPolicy,
+LimitEvaluator). One ``PluginRunner`` per plugin name and version; its
+``_supervise`` task loops start -> run -> end -> backoff until stopped or
+given up (fatal).
+
+States: starting, running, backoff, stopping, stopped, fatal.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+
+from ..errors import ServerFault
+from ..queue import HIGH, NORMAL
+from ..resources import ProcessSampler
+from .ingest import FrameDecoder
+from .policy import LimitEvaluator, RateMeter, RestartPolicy, TokenBucket, describe_exit
+
+log = logging.getLogger("elkeid_agent.plugins")
+
+STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
+    "starting", "running", "backoff", "stopping", "stopped", "fatal")
+
+TASK_FD, RECORD_FD, HIGH_FD = 3, 4, 5
+_PRIORITY_LABEL = {NORMAL: "normal", HIGH: "high"}
+
+
+class _RecordPipe(asyncio.Protocol):
+    """Reads fd 4 (NORMAL) or fd 5 (HIGH) of one plugin process."""
+
+    def __init__(self, runner, priority):
+        self.runner = runner
+        self.priority = priority
+        self.decoder = FrameDecoder(runner.policy.max_frame)
+        self.transport = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.bucket = None
+        if runner.policy.ingest_max_bytes_per_sec:
+            rate = runner.policy.ingest_max_bytes_per_sec
+            self.bucket = TokenBucket(rate, burst=max(rate, 256 * 1024), now=time.monotonic())
+        self._resume_handle = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        r = self.runner
+        if r.discarding:
+            return
+        bodies, error = self.decoder.feed(data)
+        if bodies:
+            put = r.queue.put
+            prio = self.priority
+            size = 0
+            for body in bodies:
+                put(body, prio)
+                size += len(body)
+            r.tx_records += len(bodies)
+            r.tx_bytes += size
+            label = _PRIORITY_LABEL[prio]
+            r.metrics.inc("plugin_records", len(bodies), plugin=r.name, priority=label)
+            r.metrics.inc("plugin_record_bytes", size, plugin=r.name, priority=label)
+        if error is not None:
+            r.protocol_violation(str(error))
+        elif self.bucket is not None:
+            pause = self.bucket.charge(time.monotonic(), len(data))
+            if pause > 0 and self.transport is not None and self._resume_handle is None:
+                self.transport.pause_reading()
+                r.metrics.inc("plugin_ingest_paused", plugin=r.name)
+                self._resume_handle = asyncio.get_running_loop().call_later(pause, self._resume)
+
+    def _resume(self):
+        self._resume_handle = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        error = self.decoder.close()
+        if error is not None and not self.runner.discarding:
+            self.runner.frame_error_at_eof(str(error))
+        return False
+
+    def connection_lost(self, exc):
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _TaskPipe(asyncio.Protocol):
+    """The agent's end of fd 3: a write transport the runner pumps into."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.paused = False
+        self.lost = False
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        self.runner._pump_tasks()
+
+    def connection_lost(self, exc):
+        self.lost = True
+
+
+class PluginRunner:
+    def __init__(self, sup, spec):
+        self.sup = sup
+        self.spec = spec
+        self.name = spec.name
+        self.policy = sup.policy
+        self.queue = sup.queue
+        self.metrics = sup.metrics
+        self.system = sup.system
+        self.loop = sup.loop
+        self.dir = os.path.join(sup.plugin_root, spec.name)
+        self.exe = os.path.join(self.dir, spec.name)
+        self.state = STOPPED
+        self.restart = RestartPolicy(self.policy)
+        self.limits = None
+        self.last_error = ""
+        self.restarts = 0
+        self.next_start = 0.0
+        # process
+        self.popen = None
+        self.pid = 0
+        self.start_time = 0.0
+        self.exit_code = None
+        self._watch = None
+        self._pipes = []
+        self._task_transport = None
+        self._task_proto = None
+        self._tasks = deque()
+        self.discarding = False
+        self._eof_error = ""
+        self._end = None        # future: why the current run ends
+        self._exited = None     # future: process exited and was reaped
+        # life
+        self._stop_requested = False
+        self._wake = asyncio.Event()
+        self._task = None
+        # counters (plugin's point of view, as Elkeid: rx = tasks in, tx = records out)
+        self.tx_records = self.tx_bytes = 0
+        self.rx_tasks = self.rx_bytes = 0
+        now = time.time()
+        self.rates = RateMeter(now, 0, 0, 0, 0)
+        self.hb_sampler = None  # resources.ProcessSampler of the running process
+        self.du = 0
+
+    # ------------------------------------------------------------ control
+
+    def start(self):
+        self._task = self.loop.create_task(self._supervise(), name="plugin-" + self.name)
+        return self._task
+
+    async def stop(self):
+        """Stop for good (sync removal, replacement, agent shutdown)."""
+        self._stop_requested = True
+        self._wake.set()
+        if self._end is not None and not self._end.done():
+            self._end.set_result(None)
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def revive(self, spec):
+        """A fatal plugin listed again: start over with a clean record."""
+        self.spec = spec
+        if self.state == FATAL:
+            self.restart.reset()
+            if self._task is not None and self._task.done():
+                self.start()  # the loop itself had failed
+            else:
+                self._wake.set()
+
+    @property
+    def fatal(self):
+        return self.state == FATAL
+
+    @property
+    def alive(self):
+        return self.state in (RUNNING, STOPPING) and self.pid != 0
+
+    # ------------------------------------------------------------ supervision loop
+
+    async def _supervise(self):
+        try:
+            while not self._stop_requested:
+                reason = await self._run_once()
+                if self._stop_requested:
+                    break
+                now = time.monotonic()
+                decision = self.restart.on_failure(now)
+                self._record_failure(reason, decision)
+                if decision.fatal:
+                    self.state = FATAL
+                    await self._wait_wake(None)
+                    if self._stop_requested:
+                        break
+                    self.sup._clear_reason(self.name)
+                    log.info("plugin %s revived by the server's config", self.name,
+                             extra={"plugin": self.name})
+                    continue
+                self.state = BACKOFF
+                self.next_start = time.time() + decision.delay
+                if decision.delay > 0:
+                    await self._wait_wake(decision.delay)
+                self.restarts += 1
+                self.metrics.inc("plugin_restarts", plugin=self.name)
+        except Exception as exc:  # a bug here must not leave a process unsupervised
+            log.exception("supervising plugin %s failed", self.name)
+            self.last_error = "internal error: %r" % (exc,)
+            self.sup._set_reason(self.name, "plugin %s: %s" % (self.name, self.last_error))
+            self._kill_group()
+            self._close_pipes()
+            self.state = FATAL
+            return
+        self.state = STOPPED
+
+    async def _wait_wake(self, timeout):
+        self._wake.clear()
+        if self._stop_requested:
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _record_failure(self, reason, decision):
+        self.last_error = reason
+        if decision.fatal:
+            text = "plugin %s is fatal after %d failed runs: %s" % (
+                self.name, decision.failures, reason)
+            log.error(text, extra={"plugin": self.name})
+        else:
+            text = "plugin %s failed (%s); restart %d in %g s" % (
+                self.name, reason, decision.failures, decision.delay)
+            log.warning(text, extra={"plugin": self.name})
+        self.sup._set_reason(self.name, text)
+
+    # ------------------------------------------------------------ one run
+
+    async def _run_once(self):
+        self.state = STARTING
+        self.discarding = False
+        self._eof_error = ""
+        self.exit_code = None
+        self._end = self.loop.create_future()
+        self._exited = self.loop.create_future()
+        try:
+            await self._spawn()
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._close_pipes()
+            return "cannot start %s: %s" % (self.exe, getattr(exc, "strerror", None) or exc)
+        self.state = RUNNING
+        self.restart.on_start(time.monotonic())
+        self.limits = LimitEvaluator(self.policy.cpu_limit, self.policy.rss_limit,
+                                     self.policy.limit_window)
+        self.hb_sampler = ProcessSampler(self.pid)
+        log.info("plugin %s %s started, pid %d", self.name, self.spec.version, self.pid,
+                 extra={"plugin": self.name})
+        end = await self._end
+        if end is None:
+            await self._terminate(graceful=True)
+            return None
+        kind, reason = end
+        # A protocol violation gets no grace period: its output is already
+        # being discarded. A limit breach is a polite restart.
+        await self._terminate(graceful=(kind == "limit"))
+        if kind == "exit":
+            reason = describe_exit(self.exit_code)
+            if self._eof_error:
+                reason += "; " + self._eof_error
+        return reason
+
+    async def _spawn(self):
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        stderr_path = os.path.join(self.dir, self.name + ".stderr")
+        fds = []
+        try:
+            stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                                | os.O_CLOEXEC, 0o600)
+            fds.append(stderr_fd)
+            os.fchmod(stderr_fd, 0o600)
+            task_r, task_w = os.pipe()
+            fds += [task_r, task_w]
+            data_r, data_w = os.pipe()
+            fds += [data_r, data_w]
+            high_r, high_w = os.pipe()
+            fds += [high_r, high_w]
+            self.popen = self.system.spawn(
+                self.exe, cwd=self.dir, env=self._env(), stderr_fd=stderr_fd,
+                fd_map={TASK_FD: task_r, RECORD_FD: data_w, HIGH_FD: high_w})
+        except BaseException:
+            for fd in fds:
+                _close(fd)
+            raise
+        for fd in (stderr_fd, task_r, data_w, high_w):
+            _close(fd)
+        # From here on the file objects own the agent's ends.
+        files = [open(data_r, "rb", buffering=0), open(high_r, "rb", buffering=0),
+                 open(task_w, "wb", buffering=0)]
+        self.pid = self.popen.pid
+        self.start_time = time.time()
+        self.sup._record_group(self)
+        self._watch = self.system.watch_exit(self.loop, self.pid, self._on_exit)
+        try:
+            for pipe, prio in ((files[0], NORMAL), (files[1], HIGH)):
+                proto = _RecordPipe(self, prio)
+                await self.loop.connect_read_pipe(lambda p=proto: p, pipe)
+                self._pipes.append(proto)
+            self._task_proto = _TaskPipe(self)
+            self._task_transport, _ = await self.loop.connect_write_pipe(
+                lambda: self._task_proto, files[2])
+            self._task_transport.set_write_buffer_limits(high=0)
+        except BaseException:
+            for f in files:
+                f.close()
+            self._kill_group()
+            raise
+        self._pump_tasks()
+
+    def _env(self):
+        env = {"PATH": self.system.sane_path}
+        for key in ("HOME", "LANG", "LC_ALL", "TZ"):
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+        env.update(self.policy.env)
+        env["ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"] = "1"
+        if self.spec.detail:
+            env["DETAIL"] = self.spec.detail
+        return env
+
+    # ------------------------------------------------------------ endings
+
+    def _on_exit(self):
+        """The leader exited (zombie, not yet reaped): the group id is still
+        ours, so kill whatever it left behind, then reap."""
+        self._watch = None
+        self.system.kill_group(self.pid, signal.SIGKILL)
+        self.exit_code = self.system.reap(self.popen)
+        self.sup._forget_group(self)
+        if not self._exited.done():
+            self._exited.set_result(self.exit_code)
+        if not self._end.done():
+            self._end.set_result(("exit", None))
+
+    def protocol_violation(self, message):
+        """Bad frame or absurd length: discard everything from here on."""
+        self.discarding = True
+        self._close_record_pipes()
+        self.last_error = message
+        self.metrics.inc("plugin_frame_errors", plugin=self.name)
+        log.error("plugin %s broke the frame protocol: %s", self.name, message,
+                  extra={"plugin": self.name})
+        if self._end is not None and not self._end.done():
+            self._end.set_result(("violation", message))
+
+    def frame_error_at_eof(self, message):
+        self._eof_error = message
+        self.last_error = message
+        self.metrics.inc("plugin_frame_errors", plugin=self.name)
+        log.error("plugin %s: %s", self.name, message, extra={"plugin": self.name})
+
+    def limit_exceeded(self, message):
+        self.metrics.inc("plugin_limit_restarts", plugin=self.name)
+        log.error("plugin %s over its resource limits: %s", self.name, message,
+                  extra={"plugin": self.name})
+        if self._end is not None and not self._end.done():
+            self._end.set_result(("limit", "resource limit: " + message))
+
+    async def _terminate(self, graceful):
+        """Stop the running process.
+
+        Graceful: close fd 3 first and keep reading fds 4/5, so a plugin
+        that exits on end-of-tasks (both Elkeid SDKs' main loops do) flushes
+        its last records into the queue; at half the stop timeout close the
+        record pipes too and SIGTERM the group; at the timeout SIGKILL it."""
+        self.state = STOPPING
+        self._close_task_pipe()
+        if graceful and not self._exited.done():
+            half = self.policy.stop_timeout / 2
+            if not await self._exited_within(half):
+                self._close_record_pipes()
+                self.system.kill_group(self.pid, signal.SIGTERM)
+                if not await self._exited_within(half):
+                    log.warning("plugin %s did not exit within %.0f s; killing its process group",
+                                self.name, self.policy.stop_timeout,
+                                extra={"plugin": self.name})
+        self._kill_group()
+        await self._exited
+        await self._drain()
+
+    async def _exited_within(self, timeout):
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _kill_group(self):
+        if self.pid and self._exited is not None and not self._exited.done():
+            self.system.kill_group(self.pid, signal.SIGKILL)
+            self.system.kill(self.pid, signal.SIGKILL)  # in case it left its group
+
+    async def _drain(self):
+        """Let readers take what the plugin wrote before it died, then close."""
+        waits = [p.closed for p in self._pipes if not p.closed.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=self.policy.drain_timeout)
+        self._close_pipes()
+
+    def _close_record_pipes(self):
+        for proto in self._pipes:
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.close()
+
+    def _close_pipes(self):
+        self._close_task_pipe()
+        self._close_record_pipes()
+        self._pipes = []
+        self.pid = 0
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _close_task_pipe(self):
+        t = self._task_transport
+        self._task_transport = None
+        if t is not None and not t.is_closing():
+            t.abort()
+        if self._tasks:
+            self.metrics.inc("plugin_tasks_dropped", len(self._tasks), plugin=self.name)
+            self._tasks.clear()
+
+    # ------------------------------------------------------------ tasks
+
+    def send_task(self, frame, token):
+        if self.state != RUNNING or self._task_transport is None or self._task_proto.lost:
+            self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="not_running")
+            raise ServerFault("plugin %s is %s and cannot take tasks" % (self.name, self.state),
+                              token=token)
+        if len(self._tasks) >= self.policy.task_queue_max:
+            self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="queue_full")
+            raise ServerFault("task queue of plugin %s is full (%d tasks waiting; the plugin "
+                              "does not read them)" % (self.name, len(self._tasks)), token=token)
+        self._tasks.append(frame)
+        self._pump_tasks()
+
+    def _pump_tasks(self):
+        t = self._task_transport
+        proto = self._task_proto
+        while self._tasks and t is not None and not proto.paused and not proto.lost:
+            frame = self._tasks.popleft()
+            t.write(frame)
+            self.rx_tasks += 1
+            self.rx_bytes += len(frame) - 4
+            self.metrics.inc("plugin_tasks", plugin=self.name)
+
+    # ------------------------------------------------------------ monitoring
+
+    def check(self, now_mono):
+        """Periodic: limits and healthy reset. Called by the supervisor."""
+        if self.state != RUNNING or not self.pid:
+            return
+        if self.restart.check_healthy(now_mono):
+            self.sup._clear_reason(self.name)
+        sample = self.system.sample(self.pid)
+        if sample is None:
+            return
+        verdict = self.limits.sample(now_mono, sample.cpu_seconds, sample.rss)
+        if verdict:
+            self.limit_exceeded(verdict)
+
+    def heartbeat_fields(self, now):
+        fields = {
+            "name": self.name,
+            "pversion": self.spec.version,
+            "state": self.state,
+            "last_error": self.last_error,
+            "restarts": str(self.restarts),
+            "du": str(self.du),
+        }
+        rx_tps, tx_tps, rx_speed, tx_speed = self.rates.rates(
+            now, self.rx_tasks, self.tx_records, self.rx_bytes, self.tx_bytes)
+        fields["rx_tps"] = "%.8f" % rx_tps
+        fields["tx_tps"] = "%.8f" % tx_tps
+        fields["rx_speed"] = "%.8f" % rx_speed
+        fields["tx_speed"] = "%.8f" % tx_speed
+        if self.state == BACKOFF:
+            fields["next_start"] = str(int(self.next_start))
+        stats = self.hb_sampler.sample() if self.alive and self.hb_sampler else None
+        if stats is not None and stats.exists:
+            fields["cpu"] = "%.8f" % stats.cpu
+            fields["rss"] = str(stats.rss)
+            fields["read_speed"] = "%.8f" % stats.read_speed
+            fields["write_speed"] = "%.8f" % stats.write_speed
+            fields["pid"] = str(self.pid)
+            fields["nfd"] = str(stats.nfd)
+            fields["start_time"] = str(stats.start_time)
+        return fields
+
+
+def _close(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
