@@ -314,7 +314,7 @@ class Transport:
             self._clean_end = (self._half_closed is call and receiver in done
                                and not receiver.cancelled() and receiver.exception() is None)
             self._replay_window()
-        if reconnect in done:
+        if reconnect in done or self._clean_end:
             return
         for task in done:
             if task.cancelled():
