@@ -136,6 +136,13 @@ class Agent:
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown)
         self.plugins = self._make_plugin_host()
+        if self.plugins is not None:
+            try:
+                # Kills plugin processes a crashed earlier agent left behind.
+                await self.plugins.start()
+            except (AgentError, OSError) as e:
+                self.state.set_abnormal("plugins", "plugin supervisor: %s" % e)
+                log.error("plugin supervisor failed to start: %s", e)
         self.heartbeat = Heartbeat(self)
         self._install_signals(loop)
         self.transport.start()

@@ -302,3 +302,17 @@ def test_no_server_keeps_retrying(tmp_path, start_agent, devcenter):
     a.wait_log("dial 127.0.0.1:%d (private) failed" % port)
     assert a.alive
     assert a.stop() == 0
+
+
+def test_sysvinit_mode_holds_the_pid_lock(devcenter, start_agent, tmp_path):
+    pidfile = str(tmp_path / "elkeid-agent.pid")
+    env = {"service_type": "sysvinit", "ELKEID_PIDFILE": pidfile}
+    first = start_agent("sysv-1", env=env)
+    devcenter.wait_agent("sysv-1")
+    assert open(pidfile).read().strip() == str(first.pid)
+    second = start_agent("sysv-2", env=env)
+    wait_until(lambda: not second.alive, 20, what="second agent to give up")
+    assert second.proc.returncode == 1
+    assert "another elkeid-agent (pid %d) holds" % first.pid in second.log_text()
+    assert first.stop() == 0
+    assert not os.path.exists(pidfile)
