@@ -145,7 +145,9 @@ def test_check_record_accepts_exactly_what_decode_record_accepts():
                b"\x10" + b"\xff" * 9 + b"\x02", b"\x08" + b"\x80" * 10 + b"\x00",
                b"\x1a\x80\x80\x80\x80\x01", b"\x1a\x05abc", b"\x22\x00\x1a\x00",
                wire.encode_record(-1, -5, {"a": "b"}), b"\x1a\x00\x1a\x00",
-               b"\x1a\x00\x08\x01", b"\x0d\x00\x00\x00\x00", b"\x00"]
+               b"\x1a\x00\x08\x01", b"\x0d\x00\x00\x00\x00", b"\x00",
+               wire.encode_record(1, 2, {"big": "x" * 20000}),       # 3-byte length
+               wire.encode_record(1, 2, {"big": "x" * 3000000})]     # 4-byte length
     for i in range(300):
         samples.append(wire.encode_record(rng.randrange(-2 ** 31, 2 ** 31),
                                           rng.randrange(-2 ** 63, 2 ** 63),
@@ -174,3 +176,16 @@ def test_task_frame_is_what_protobuf_would_send():
     pb = pytest.importorskip("elkeid_agent.pb.grpc_pb2")
     t = pb.Task(data_type=9010, object_name="p", data="{}", token="tok")
     assert task_frame(9010, "p", "{}", "tok") == wire.frame(t.SerializeToString())
+
+
+def test_canonical_records_take_the_fast_path(monkeypatch):
+    from elkeid_agent.plugins import ingest
+    calls = []
+    monkeypatch.setattr(ingest.wire, "decode_record",
+                        lambda body, deep=True: calls.append(body))
+    for size in (0, 100, 20000, 3000000):          # 1- to 4-byte payload lengths
+        for dt, ts in ((1001, 1700000000), (0, 5), (7, 0), (0, 0), (2 ** 31 - 1, 2 ** 62)):
+            check_record(wire.encode_record(dt, ts, {"p": "x" * size} if size else {}))
+    assert calls == []
+    check_record(b"\x1a\x00\x08\x01")              # not canonical: the general parser
+    assert calls == [b"\x1a\x00\x08\x01"]

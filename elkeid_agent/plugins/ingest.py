@@ -42,20 +42,22 @@ class FrameError(PluginFault):
     """A plugin broke the frame protocol."""
 
 
-def check_record(body):
+def check_record(body, _match=_CANONICAL.match):
     """Raise WireError unless ``body`` parses as a Record at the top level."""
-    m = _CANONICAL.match(body)
+    m = _match(body)
     if m is not None:
-        lb = m.group(1)
-        if len(lb) == 1:
-            n = lb[0]
+        end = m.end()
+        start = m.start(1)
+        width = end - start
+        if width == 1:
+            n = body[start]
+        elif width == 2:
+            n = (body[start] & 0x7F) | (body[start + 1] << 7)
         else:
             n = 0
-            shift = 0
-            for c in lb:
-                n |= (c & 0x7F) << shift
-                shift += 7
-        if m.end() + n == len(body):
+            for i in range(width):
+                n |= (body[start + i] & 0x7F) << (7 * i)
+        if end + n == len(body):
             return
     wire.decode_record(body, deep=False)
 
