@@ -176,6 +176,23 @@ def test_plugin_that_never_reads_tasks(tmp_path):
     run(main())
 
 
+def test_plugin_that_closed_its_task_pipe(tmp_path):
+    async def main():
+        rig = Rig(tmp_path)
+        sha = install(rig.workdir, "closer", "closes_tasks.py")
+        await rig.sup.sync([config("closer", sha=sha)])
+        await rig.wait_record(lambda f: True, data_type=7000)
+        await asyncio.sleep(0.2)  # the transport notices the closed read end by itself
+        with pytest.raises(ServerFault) as info:
+            rig.sup.send_task(task("closer", token="c-0"))
+        assert "closed its task pipe" in str(info.value) and info.value.token == "c-0"
+        assert rig.metrics.get("plugin_tasks_refused", plugin="closer", reason="pipe_closed") == 1
+        assert rig.status("closer")["state"] == RUNNING  # not a reason to restart it
+        await rig.sup.shutdown()
+
+    run(main())
+
+
 # ------------------------------------------------------------------ sync
 
 def test_declarative_sync_keep_replace_remove(tmp_path):
@@ -572,6 +589,31 @@ def test_sweep_spares_processes_outside_the_plugin_dirs(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_stderr_is_kept_bounded(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "elkeid_agent.plugins")
+
+    async def main():
+        rig = Rig(tmp_path, stderr_max_bytes=200 * 1024, du_interval=0.2, sample_interval=0.1)
+        sha = install(rig.workdir, "chatty", "chatty_stderr.py")
+        await rig.sup.sync([config("chatty", sha=sha)])
+        await rig.wait_record(lambda f: True, data_type=7000)
+        path = os.path.join(rig.plugin_dir("chatty"), "chatty.stderr")
+        await wait_until(lambda: sum("was truncated" in r.getMessage()
+                                     for r in caplog.records) >= 3, what="truncations")
+        await asyncio.sleep(0.3)
+        st = os.stat(path)
+        # O_APPEND: the plugin goes on writing at the new end, not at its old
+        # offset (which would leave a growing sparse file).
+        assert st.st_size <= st.st_blocks * 512 + 64 * 1024
+        assert st.st_size < 2 * 1024 * 1024
+        assert rig.status("chatty")["state"] == RUNNING
+        hb = wire.decode_record(rig.sup.heartbeat_records(time.time())[0])[2]
+        assert int(hb["du"]) > 0
+        await rig.sup.shutdown()
+
+    run(main())
 
 
 # ------------------------------------------------------------------ heartbeat, shutdown

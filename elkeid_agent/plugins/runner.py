@@ -445,10 +445,13 @@ class PluginRunner:
     # ------------------------------------------------------------ tasks
 
     def send_task(self, frame, token):
-        if self.state != RUNNING or self._task_transport is None or self._task_proto.lost:
+        if self.state != RUNNING or self._task_transport is None:
             self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="not_running")
             raise ServerFault("plugin %s is %s and cannot take tasks" % (self.name, self.state),
                               token=token)
+        if self._task_proto.lost:
+            self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="pipe_closed")
+            raise ServerFault("plugin %s closed its task pipe" % self.name, token=token)
         if len(self._tasks) >= self.policy.task_queue_max:
             self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="queue_full")
             raise ServerFault("task queue of plugin %s is full (%d tasks waiting; the plugin "
