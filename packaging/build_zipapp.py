@@ -1,0 +1,272 @@
+"""Build dist/elkeid-agent.pyz: one file for every CPython 3.9-3.13 on one
+architecture. Run by ``./build.sh zipapp`` (and ``./build.sh packages`` for
+each architecture); needs pip and this machine's package registry.
+
+    python packaging/build_zipapp.py --arch x86_64 --out dist/elkeid-agent.pyz
+
+Layout of the file:
+- a ``#!/bin/sh`` preamble that runs the first python3 on PATH on the file
+  itself (a zip archive may carry any prefix);
+- ``__main__.py`` (a one-line refusal on unsupported Pythons) and
+  ``_elkeid_boot.py`` (cache and extraction; see its docstring);
+- ``elkeid_zipapp.json``: version, architecture, supported ABIs, build id;
+- ``site-packages/``: elkeid_agent (without the development AgentCenter),
+  grpcio's Python code once plus its compiled ``cygrpc`` for each of
+  cp39..cp313 side by side (each file name carries its ABI, so they never
+  clash), protobuf (one abi3 build) and typing_extensions.
+
+The build id is a SHA-256 over every path, mode and content under
+site-packages; the bootstrap names its cache directory after it. Output is
+reproducible: fixed timestamps, sorted entries.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# One grpcio release with wheels for all five ABIs (DESIGN.md "Facts"), the
+# protobuf runtime the checked-in gencode needs, grpcio's one dependency.
+GRPCIO = ("grpcio", "1.80.1")
+PROTOBUF = ("protobuf", "6.33.6")
+TYPING_EXTENSIONS = ("typing_extensions", "4.16.0")
+PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
+ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+# Left out of the agent package: the development AgentCenter (needs
+# cryptography) and the tools that drive it.
+EXCLUDE_TOP = {"devcenter", "demo.py", "devtools.py", "bench.py", "bench"}
+FIXED_TIME = (2020, 1, 1, 0, 0, 0)
+
+PREAMBLE = """\
+#!/bin/sh
+# elkeid-agent {version} ({arch}): a Python zipapp for CPython 3.9-3.13.
+# This shell preamble runs the archive that follows with a python3 from PATH
+# (or $ELKEID_PYTHON); `python3.X elkeid-agent.pyz ...` works as well.
+if [ -n "${{ELKEID_PYTHON:-}}" ]; then exec "$ELKEID_PYTHON" -sE "$0" "$@"; fi
+for p in python3 python3.13 python3.12 python3.11 python3.10 python3.9; do
+    if command -v "$p" >/dev/null 2>&1; then exec "$p" -sE "$0" "$@"; fi
+done
+echo "elkeid-agent: no python3 in PATH ($PATH); install CPython 3.9 to 3.13" >&2
+exit 127
+"""
+
+
+def say(msg):
+    sys.stderr.write("==> %s\n" % msg)
+    sys.stderr.flush()
+
+
+class BuildError(Exception):
+    pass
+
+
+def version(package=os.path.join(ROOT, "elkeid_agent")):
+    """__version__ of the elkeid_agent package at ``package`` (the one place
+    the version is kept)."""
+    with open(os.path.join(package, "__init__.py")) as f:
+        m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+    if not m:
+        raise BuildError("no __version__ in elkeid_agent/__init__.py")
+    return m.group(1)
+
+
+# ---------------------------------------------------------------- wheels
+
+def _cached(wheels, project, ver, tag_part, arch):
+    prefix = "%s-%s-" % (project, ver)
+    for name in sorted(os.listdir(wheels)):
+        if name.startswith(prefix) and tag_part in name and name.endswith(".whl") and \
+                (arch in name or name.endswith("-none-any.whl")):
+            return os.path.join(wheels, name)
+    return None
+
+
+def fetch(wheels, project, ver, python, abi, arch, tag_part):
+    """A wheel from the cache dir, downloaded with pip if missing."""
+    found = _cached(wheels, project, ver, tag_part, arch)
+    if found:
+        return found
+    say("downloading %s==%s for %s %s" % (project, ver, abi, arch))
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+           "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", "--abi", abi, "-d", wheels,
+           "%s==%s" % (project, ver)]
+    if not tag_part.endswith("none-any"):
+        cmd[5:5] = ["--platform", "manylinux2014_%s" % arch]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise BuildError("pip download %s==%s (%s, %s) failed:\n%s"
+                         % (project, ver, abi, arch, r.stdout.decode("utf-8", "replace")))
+    found = _cached(wheels, project, ver, tag_part, arch)
+    if not found:
+        raise BuildError("pip download %s==%s (%s, %s) gave no matching wheel in %s"
+                         % (project, ver, abi, arch, wheels))
+    return found
+
+
+def wheels_for(arch, wheels):
+    os.makedirs(wheels, exist_ok=True)
+    out = []
+    for py in PYTHONS:
+        abi = "cp" + py.replace(".", "")
+        out.append(fetch(wheels, GRPCIO[0], GRPCIO[1], py, abi, arch, "-%s-%s-" % (abi, abi)))
+    out.append(fetch(wheels, PROTOBUF[0], PROTOBUF[1], "3.9", "abi3", arch, "-abi3-"))
+    out.append(fetch(wheels, TYPING_EXTENSIONS[0], TYPING_EXTENSIONS[1], "3.9", "none", arch,
+                     "-py3-none-any"))
+    return out
+
+
+# ---------------------------------------------------------------- staging
+
+def stage(arch, wheels, site):
+    """Fill ``site`` (a fresh directory) with everything the agent runs on."""
+    abis = []
+    seen = {}
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as zf:
+            for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                name = info.filename
+                if name.endswith("/") or ".dist-info/" in name and \
+                        not name.endswith(("/METADATA", "/top_level.txt", "/LICENSE")):
+                    continue
+                data = zf.read(info)
+                m = re.search(r"\.(cpython-3\d+-[^/]+)\.so$", name)
+                if m and m.group(1) not in abis:
+                    abis.append(m.group(1))
+                if name in seen and seen[name] != data and ".dist-info/" not in name:
+                    raise BuildError("%s differs between wheels (%s)" % (name, whl))
+                seen[name] = data
+                dest = os.path.join(site, name)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with open(dest, "wb") as f:
+                    f.write(data)
+                mode = (info.external_attr >> 16) & 0o777
+                os.chmod(dest, 0o755 if name.endswith(".so") or mode & 0o111 else 0o644)
+    pkg = os.path.join(ROOT, "elkeid_agent")
+    for base, dirs, files in os.walk(pkg):
+        rel = os.path.relpath(base, pkg)
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and
+                         not (rel == "." and d in EXCLUDE_TOP))
+        for name in sorted(files):
+            if rel == "." and name in EXCLUDE_TOP:
+                continue
+            if name.endswith((".pyc", ".pyo", ".so")):
+                continue
+            dest = os.path.join(site, "elkeid_agent", rel, name)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(os.path.join(base, name), dest)
+            os.chmod(dest, 0o644)
+    want = {"cpython-%s-%s-linux-gnu" % (p.replace(".", ""), arch) for p in PYTHONS}
+    if set(abis) != want:
+        raise BuildError("compiled grpc modules for %s, expected %s"
+                         % (sorted(abis), sorted(want)))
+    return sorted(abis)
+
+
+def build_id(site):
+    """SHA-256 over every path, mode and content under ``site``."""
+    h = hashlib.sha256()
+    for rel, full in _files(site):
+        st = os.stat(full)
+        with open(full, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        h.update(("%s\0%o\0%s\n" % (rel, st.st_mode & 0o777, digest)).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _files(site):
+    out = []
+    for base, dirs, files in os.walk(site):
+        dirs.sort()
+        for name in files:
+            full = os.path.join(base, name)
+            out.append((os.path.relpath(full, site).replace(os.sep, "/"), full))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- archive
+
+def write_archive(out, site, meta):
+    def entry(zf, name, data, mode):
+        info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = (0o100000 | mode) << 16
+        info.create_system = 3  # unix, so the mode bits are honoured
+        zf.writestr(info, data, compresslevel=6)
+
+    buf = io.BytesIO()
+    buf.write(PREAMBLE.format(version=meta["version"], arch=meta["arch"]).encode("ascii"))
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in ("__main__.py", "_elkeid_boot.py"):
+            with open(os.path.join(HERE, "zipapp", name), "rb") as f:
+                entry(zf, name, f.read(), 0o644)
+        entry(zf, "elkeid_zipapp.json",
+              json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"), 0o644)
+        for rel, full in _files(site):
+            with open(full, "rb") as f:
+                entry(zf, "site-packages/" + rel, f.read(), os.stat(full).st_mode & 0o777)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+
+
+def build(arch, out, wheels_dir, site_override=None):
+    """Build the zipapp; returns its metadata. ``site_override`` (tests)
+    is a ready site-packages directory used instead of staging one."""
+    arch = ARCHES[arch]
+    with tempfile.TemporaryDirectory(prefix="elkeid-zipapp-") as tmp:
+        site = site_override
+        if site is None:
+            site = os.path.join(tmp, "site-packages")
+            os.makedirs(site)
+            abis = stage(arch, wheels_for(arch, wheels_dir), site)
+        else:
+            abis = sorted({m.group(1) for rel, _f in _files(site)
+                           for m in [re.search(r"\.(cpython-3\d+-[^/]+)\.so$", rel)] if m})
+        meta = {"name": "elkeid-agent", "version": version(os.path.join(site, "elkeid_agent")), "arch": arch, "abi": abis,
+                "python": ">=3.9,<3.14", "build_id": build_id(site)}
+        write_archive(out, site, meta)
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default=os.uname().machine, choices=sorted(ARCHES))
+    p.add_argument("--out", default=os.path.join(ROOT, "dist", "elkeid-agent.pyz"))
+    p.add_argument("--wheels", default=None,
+                   help="wheel cache directory (default build/wheels/ARCH)")
+    p.add_argument("--stage-only", metavar="DIR",
+                   help="only fill DIR with the site-packages tree (tests reuse it)")
+    args = p.parse_args(argv)
+    arch = ARCHES[args.arch]
+    wheels = args.wheels or os.path.join(ROOT, "build", "wheels", arch)
+    try:
+        if args.stage_only:
+            os.makedirs(args.stage_only, exist_ok=True)
+            stage(arch, wheels_for(arch, wheels), args.stage_only)
+            return 0
+        meta = build(arch, args.out, wheels)
+    except BuildError as e:
+        sys.stderr.write("build_zipapp: error: %s\n" % e)
+        return 1
+    size = os.path.getsize(args.out)
+    say("wrote %s: elkeid-agent %s for %s, %.1f MiB, CPython ABIs %s, build %s"
+        % (os.path.relpath(args.out), meta["version"], meta["arch"], size / 1048576.0,
+           " ".join(a.split("-")[1] for a in meta["abi"]), meta["build_id"][:16]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
