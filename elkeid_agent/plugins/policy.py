@@ -53,6 +53,9 @@ class Policy:
     # Per-plugin ingest cap in bytes/s; 0 = none. Excess is not dropped: the
     # pipe is paused, so the plugin blocks in write (backpressure).
     ingest_max_bytes_per_sec: float = 0.0
+    # Kernel buffer of the fd 4 pipe (default 64 KiB): 1 MiB lets one read
+    # take ~5000 records of 200 bytes and gives a plugin slack. 0 = default.
+    pipe_buffer: int = 1024 * 1024
     # Readers get this long to drain a pipe after its plugin exited.
     drain_timeout: float = 2.0
     # pidfd (Linux >= 5.3) to watch exits; False forces the thread fallback.
@@ -82,6 +85,8 @@ class Policy:
                      "extract_max_bytes", "extract_max_members", "stderr_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1" % name)
+        if self.pipe_buffer < 0:
+            raise ValueError("pipe_buffer must be >= 0 (0 keeps the kernel default)")
         if self.cpu_limit < 0 or self.rss_limit < 0 or self.ingest_max_bytes_per_sec < 0:
             raise ValueError("limits must be >= 0 (0 disables)")
 

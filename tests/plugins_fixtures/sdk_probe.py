@@ -2,6 +2,7 @@
 # {"records": [[data_type, timestamp, {fields}], ...], "high": [...]} to send
 # at start. It reports how it was started (7000), echoes every task (7003)
 # and says goodbye (7004) when the agent closes the task pipe.
+import fcntl
 import json
 import os
 
@@ -25,6 +26,7 @@ client.send_record(7000, {
     "cwd": os.getcwd(), "env": json.dumps(dict(os.environ), sort_keys=True),
     "fds": json.dumps(fds), "stdin": link(0), "stdout": link(1), "stderr": link(2),
     "pdeathsig": get_pdeathsig(), "high": str(client.has_high_priority_pipe),
+    "pipe_size": fcntl.fcntl(4, 1032),  # F_GETPIPE_SZ
 })
 for dt, ts, fields in detail.get("records", []):
     client.send_record(dt, fields, ts)
