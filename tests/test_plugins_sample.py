@@ -280,3 +280,10 @@ def test_sample_plugin_runs_on_python_3_9(tmp_path):
         await rig.sup.shutdown()
 
     run(main())
+
+
+def test_the_example_config_is_valid():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "sample_plugin", "config.json")
+    cfg = load_config(path, "", required=True)
+    assert cfg["agent_id"] == "sample-plugin" and cfg["load"]["records_per_sec"] == 0
