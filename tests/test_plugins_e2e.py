@@ -15,10 +15,19 @@ import signal
 import sys
 import tarfile
 
+import pytest
+
 from elkeid_agent import wire
 from elkeid_agent.devtools import wait_until
 from elkeid_agent.sample_plugin import HEARTBEAT, TASK_ECHO, TASK_RESULT, build
 from plugins_fixtures.harness import FileServer, alive, script_bytes, sha256
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.close()
 
 
 def tgz(name, exe):
@@ -55,112 +64,99 @@ def pid_of(devcenter, agent_id, name):
     return int(rec["fields"]["pid"])
 
 
-def test_sdk_records_reach_the_server_byte_for_byte(devcenter, start_agent):
-    server = FileServer()
+def test_sdk_records_reach_the_server_byte_for_byte(devcenter, start_agent, server):
+    agent = start_agent("e2e-bytes")
+    devcenter.wait_agent("e2e-bytes")
+    normal = [[6101, 1700000001, {"a": "1", "unicode": "\u4e2d\u6587", "empty": ""}],
+              [6102, 0, {}],
+              [6103, 1700000003, {"k%d" % i: "v" * i for i in range(40)}]]
+    high = [[6104, 1700000004, {"alert": "yes"}]]
+    detail = json.dumps({"records": normal, "high": high})
+    send(devcenter, "e2e-bytes", [plugin_config(server, "probe", "sdk_probe.py",
+                                                detail=detail)])
+    for dt, ts, fields in normal + high:
+        rec = devcenter.wait_records(dt, agent_id="e2e-bytes")[0]
+        assert raw(rec) == wire.encode_record(dt, ts, fields)   # the SDK's exact bytes
+        assert rec["fields"] == fields and rec["timestamp"] == ts
+    # A task through the command API reaches the plugin and comes back.
+    devcenter.command("e2e-bytes", {"task": {"data_type": 9010, "name": "probe",
+                                             "data": "ping", "token": "e2e-t1"}})
+    echo = devcenter.wait_records(7003, lambda r: r["fields"]["token"] == "e2e-t1",
+                                  agent_id="e2e-bytes")[0]
+    assert echo["fields"]["data"] == "ping"
+    # The plugin heartbeat (1001) carries the process figures.
+    hb = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "probe"
+                                and r["fields"].get("pid"), agent_id="e2e-bytes")[-1]
+    assert hb["fields"]["state"] == "running" and int(hb["fields"]["rss"]) > 0
+    pid = int(hb["fields"]["pid"])
+    assert alive(pid)
+    assert agent.stop() == 0
+    # Graceful agent stop: the plugin got fd 3 closed and said goodbye.
+    devcenter.wait_records(7004, agent_id="e2e-bytes")
+    assert not alive(pid)
+
+
+def test_misbehaving_plugin_under_the_real_agent(devcenter, start_agent, server):
+    start_agent("e2e-bad")
+    devcenter.wait_agent("e2e-bad")
+    send(devcenter, "e2e-bad", [plugin_config(server, "bad", "huge_length.py"),
+                                plugin_config(server, "probe", "sdk_probe.py")])
+    devcenter.wait_records(7100, count=2, agent_id="e2e-bad")   # restarted at least once
+    devcenter.wait_records(7000, agent_id="e2e-bad")            # the other one runs
+    abnormal = devcenter.wait_records(
+        1000, lambda r: "exceeds the maximum" in r["fields"].get("state_detail", ""),
+        agent_id="e2e-bad")[-1]
+    assert abnormal["fields"]["state"] == "abnormal"
+    hb = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "bad"
+                                and "exceeds" in r["fields"].get("last_error", ""),
+                                agent_id="e2e-bad")[-1]
+    assert int(hb["fields"]["restarts"]) >= 1
+    assert devcenter.records(7101, agent_id="e2e-bad") == []    # nothing after the bad point
+
+
+def test_sample_plugin_deployed_updated_and_removed(devcenter, start_agent, server):
+    agent = start_agent("e2e-sample")
+    devcenter.wait_agent("e2e-sample")
+    archive, signature = build.tar_gz_bytes("sample", sys.executable,
+                                            {"agent_id": "demo", "http_port": 0,
+                                             "heartbeat_interval": 0.5})
+    url = server.add("/sample.tgz", archive)
+    cfg = build.plugin_config("sample", "1.0.0", archive, signature, [url])
+    send(devcenter, "e2e-sample", [cfg])
+    hb = devcenter.wait_records(HEARTBEAT, lambda r: r["fields"]["agent_id"] == "demo",
+                                agent_id="e2e-sample")[0]
+    assert hb["fields"]["version"] == "1.0.0"
+    devcenter.command("e2e-sample", {"task": {"data_type": TASK_ECHO, "name": "sample",
+                                              "data": "hi", "token": "e2e-echo"}})
+    devcenter.wait_records(TASK_RESULT, lambda r: r["fields"]["token"] == "e2e-echo",
+                           agent_id="e2e-sample")
+    first = pid_of(devcenter, "e2e-sample", "sample")
+    # A new version with a load mode set through DETAIL replaces the old one.
+    cfg2 = dict(cfg, version="1.0.1",
+                detail=json.dumps({"load": {"records_per_sec": 200, "record_size": 256}}))
+    send(devcenter, "e2e-sample", [cfg2])
+    loads = devcenter.wait_records(9002, count=50, agent_id="e2e-sample")
+    assert {len(raw(r)) for r in loads} == {256}
+    wait_until(lambda: not alive(first), what="old version to stop")
+    hb = devcenter.wait_records(1001, lambda r: r["fields"].get("pversion") == "1.0.1"
+                                and r["fields"].get("pid"), agent_id="e2e-sample")[-1]
+    second = int(hb["fields"]["pid"])
+    assert second != first
+    # Not listed any more: stopped and deleted.
+    send(devcenter, "e2e-sample", [])
+    wait_until(lambda: not alive(second), what="plugin to stop")
+    wait_until(lambda: not os.path.exists(os.path.join(agent.workdir, "plugin", "sample")),
+               what="plugin dir to go")
+    assert server.hits.count("/sample.tgz") == 1  # 1.0.1 had the same executable
+
+
+def test_a_killed_agent_leaves_no_plugin_behind(devcenter, start_agent, server):
+    agent = start_agent("e2e-kill")
+    devcenter.wait_agent("e2e-kill")
+    send(devcenter, "e2e-kill", [plugin_config(server, "gc", "grandchild.py")])
+    info = devcenter.wait_records(7000, agent_id="e2e-kill")[0]["fields"]
+    pid, child = int(info["pid"]), int(info["grandchild"])
     try:
-        agent = start_agent("e2e-bytes")
-        devcenter.wait_agent("e2e-bytes")
-        normal = [[6101, 1700000001, {"a": "1", "unicode": "\u4e2d\u6587", "empty": ""}],
-                  [6102, 0, {}],
-                  [6103, 1700000003, {"k%d" % i: "v" * i for i in range(40)}]]
-        high = [[6104, 1700000004, {"alert": "yes"}]]
-        detail = json.dumps({"records": normal, "high": high})
-        send(devcenter, "e2e-bytes", [plugin_config(server, "probe", "sdk_probe.py",
-                                                    detail=detail)])
-        for dt, ts, fields in normal + high:
-            rec = devcenter.wait_records(dt, agent_id="e2e-bytes")[0]
-            assert raw(rec) == wire.encode_record(dt, ts, fields)   # the SDK's exact bytes
-            assert rec["fields"] == fields and rec["timestamp"] == ts
-        # A task through the command API reaches the plugin and comes back.
-        devcenter.command("e2e-bytes", {"task": {"data_type": 9010, "name": "probe",
-                                                 "data": "ping", "token": "e2e-t1"}})
-        echo = devcenter.wait_records(7003, lambda r: r["fields"]["token"] == "e2e-t1",
-                                      agent_id="e2e-bytes")[0]
-        assert echo["fields"]["data"] == "ping"
-        # The plugin heartbeat (1001) carries the process figures.
-        hb = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "probe"
-                                    and r["fields"].get("pid"), agent_id="e2e-bytes")[-1]
-        assert hb["fields"]["state"] == "running" and int(hb["fields"]["rss"]) > 0
-        pid = int(hb["fields"]["pid"])
-        assert alive(pid)
-        assert agent.stop() == 0
-        # Graceful agent stop: the plugin got fd 3 closed and said goodbye.
-        devcenter.wait_records(7004, agent_id="e2e-bytes")
-        assert not alive(pid)
-    finally:
-        server.close()
-
-
-def test_misbehaving_plugin_under_the_real_agent(devcenter, start_agent):
-    server = FileServer()
-    try:
-        start_agent("e2e-bad")
-        devcenter.wait_agent("e2e-bad")
-        send(devcenter, "e2e-bad", [plugin_config(server, "bad", "huge_length.py"),
-                                    plugin_config(server, "probe", "sdk_probe.py")])
-        devcenter.wait_records(7100, count=2, agent_id="e2e-bad")   # restarted at least once
-        devcenter.wait_records(7000, agent_id="e2e-bad")            # the other one runs
-        abnormal = devcenter.wait_records(
-            1000, lambda r: "exceeds the maximum" in r["fields"].get("state_detail", ""),
-            agent_id="e2e-bad")[-1]
-        assert abnormal["fields"]["state"] == "abnormal"
-        hb = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "bad"
-                                    and "exceeds" in r["fields"].get("last_error", ""),
-                                    agent_id="e2e-bad")[-1]
-        assert int(hb["fields"]["restarts"]) >= 1
-        assert devcenter.records(7101, agent_id="e2e-bad") == []    # nothing after the bad point
-    finally:
-        server.close()
-
-
-def test_sample_plugin_deployed_updated_and_removed(devcenter, start_agent):
-    server = FileServer()
-    try:
-        agent = start_agent("e2e-sample")
-        devcenter.wait_agent("e2e-sample")
-        archive, signature = build.tar_gz_bytes("sample", sys.executable,
-                                                {"agent_id": "demo", "http_port": 0,
-                                                 "heartbeat_interval": 0.5})
-        url = server.add("/sample.tgz", archive)
-        cfg = build.plugin_config("sample", "1.0.0", archive, signature, [url])
-        send(devcenter, "e2e-sample", [cfg])
-        hb = devcenter.wait_records(HEARTBEAT, lambda r: r["fields"]["agent_id"] == "demo",
-                                    agent_id="e2e-sample")[0]
-        assert hb["fields"]["version"] == "1.0.0"
-        devcenter.command("e2e-sample", {"task": {"data_type": TASK_ECHO, "name": "sample",
-                                                  "data": "hi", "token": "e2e-echo"}})
-        devcenter.wait_records(TASK_RESULT, lambda r: r["fields"]["token"] == "e2e-echo",
-                               agent_id="e2e-sample")
-        first = pid_of(devcenter, "e2e-sample", "sample")
-        # A new version with a load mode set through DETAIL replaces the old one.
-        cfg2 = dict(cfg, version="1.0.1",
-                    detail=json.dumps({"load": {"records_per_sec": 200, "record_size": 256}}))
-        send(devcenter, "e2e-sample", [cfg2])
-        loads = devcenter.wait_records(9002, count=50, agent_id="e2e-sample")
-        assert {len(raw(r)) for r in loads} == {256}
-        wait_until(lambda: not alive(first), what="old version to stop")
-        hb = devcenter.wait_records(1001, lambda r: r["fields"].get("pversion") == "1.0.1"
-                                    and r["fields"].get("pid"), agent_id="e2e-sample")[-1]
-        second = int(hb["fields"]["pid"])
-        assert second != first
-        # Not listed any more: stopped and deleted.
-        send(devcenter, "e2e-sample", [])
-        wait_until(lambda: not alive(second), what="plugin to stop")
-        wait_until(lambda: not os.path.exists(os.path.join(agent.workdir, "plugin", "sample")),
-                   what="plugin dir to go")
-        assert server.hits.count("/sample.tgz") == 1  # 1.0.1 had the same executable
-    finally:
-        server.close()
-
-
-def test_a_killed_agent_leaves_no_plugin_behind(devcenter, start_agent):
-    server = FileServer()
-    try:
-        agent = start_agent("e2e-kill")
-        devcenter.wait_agent("e2e-kill")
-        send(devcenter, "e2e-kill", [plugin_config(server, "gc", "grandchild.py")])
-        info = devcenter.wait_records(7000, agent_id="e2e-kill")[0]["fields"]
-        pid, child = int(info["pid"]), int(info["grandchild"])
         agent.signal(signal.SIGKILL)
         agent.proc.wait(10)
         wait_until(lambda: not alive(pid), what="plugin to die with the agent")
@@ -169,7 +165,6 @@ def test_a_killed_agent_leaves_no_plugin_behind(devcenter, start_agent):
         wait_until(lambda: not alive(child), what="leftover grandchild to be killed")
         again.stop()
     finally:
-        server.close()
-        for p in ("pid", "child"):
-            if p in locals() and alive(locals()[p]):
-                os.kill(locals()[p], signal.SIGKILL)
+        for p in (pid, child):
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
