@@ -1,0 +1,180 @@
+"""The real OS-effects seam of elkeidctl (elkeid_agent/osfx/service.py),
+against this machine: files under a re-based root, /proc, signals, the
+pid-file lock shared with the agent, and spawning into cgroup.procs files.
+"""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from elkeid_agent.osfx.service import ServiceEffects, parse_stat, proc_stat_fields, stat_state
+from elkeid_agent.pidlock import PidLock
+
+
+@pytest.fixture
+def fx(tmp_path):
+    return ServiceEffects(root=str(tmp_path))
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_paths_are_rebased_under_root(fx, tmp_path):
+    assert fx.host("/etc/elkeid/specified_env") == str(tmp_path / "etc/elkeid/specified_env")
+    assert ServiceEffects().host("/etc/elkeid") == "/etc/elkeid"
+
+
+def test_write_file_is_atomic_with_mode_and_leaves_no_temp(fx, tmp_path):
+    fx.makedirs("/etc/cron.d", 0o755)
+    fx.write_file("/etc/cron.d/elkeid-agent", b"one\n", 0o600)
+    fx.write_file("/etc/cron.d/elkeid-agent", b"two\n", 0o600)
+    path = tmp_path / "etc/cron.d/elkeid-agent"
+    assert path.read_bytes() == b"two\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(str(tmp_path / "etc/cron.d")) == ["elkeid-agent"]
+    assert fx.read_text("/etc/cron.d/elkeid-agent") == "two\n"
+    assert fx.read_text("/etc/cron.d/missing") is None
+
+
+def test_write_file_does_not_follow_a_planted_temp_symlink(fx, tmp_path):
+    fx.makedirs("/etc/cron.d", 0o755)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.symlink(str(victim), str(tmp_path / ("etc/cron.d/elkeid-agent.tmp.%d" % os.getpid())))
+    with pytest.raises(OSError):
+        fx.write_file("/etc/cron.d/elkeid-agent", b"x", 0o600)
+    assert victim.read_text() == "keep"
+
+
+def test_remove_rmdir_rmtree_and_copy(fx, tmp_path):
+    fx.makedirs("/a/b", 0o700)
+    fx.write_file("/a/b/f", b"data", 0o640)
+    fx.copy("/a/b/f", "/a/g", 0o755)
+    assert (tmp_path / "a/g").read_bytes() == b"data"
+    assert stat.S_IMODE((tmp_path / "a/g").stat().st_mode) == 0o755
+    assert fx.remove("/a/g") is True and fx.remove("/a/g") is False
+    with pytest.raises(OSError):
+        fx.rmdir("/a/b")  # not empty
+    assert fx.rmtree("/a") is True and not fx.exists("/a")
+    assert fx.rmdir("/nothing") is False
+
+
+def test_parse_stat_with_hostile_command_names():
+    raw = b"1234 (evil) 5 6 (x) S 77 1234 1234 0 -1 4194304"
+    assert parse_stat(raw) == (1234, 77, 1234)
+    assert stat_state(raw) == "S"
+    assert proc_stat_fields(raw)[:3] == ["S", "77", "1234"]
+    assert parse_stat(b"garbage") is None
+    assert stat_state(b"") is None
+
+
+def test_processes_and_links_of_this_machine(fx):
+    real = ServiceEffects()
+    procs = real.processes()
+    me = procs[os.getpid()]
+    assert me.ppid == os.getppid() and me.pgid == os.getpgrp()
+    assert real.proc_link(os.getpid(), "cwd") == os.getcwd()
+    assert real.alive(os.getpid()) and not real.alive(0)
+
+
+def test_a_zombie_is_not_alive():
+    real = ServiceEffects()
+    child = subprocess.Popen(["true"])
+    wait_for(lambda: stat_state(real.read_bytes_quietly("/proc/%d/stat" % child.pid)) == "Z")
+    assert real.alive(child.pid) is False
+    child.wait()
+    assert real.alive(child.pid) is False
+
+
+def test_kill_reports_a_missing_process():
+    real = ServiceEffects()
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert real.kill(-child.pid, signal.SIGTERM) is True  # its own process group
+    child.wait(10)
+    assert real.kill(child.pid, signal.SIGTERM) is False
+
+
+def test_run_captures_and_reports_missing_tools(fx):
+    r = fx.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert r.rc == 3 and "out" in r.output and "err" in r.output
+    r = fx.run(["/nonexistent/tool"])
+    assert r.rc == 127 and "command not found" in r.output
+    assert fx.which("sh") is None  # tools are looked up under the root too
+    assert ServiceEffects().which("sh") in ("/usr/local/bin/sh", "/usr/bin/sh", "/bin/sh")
+
+
+def test_spawn_detaches_and_joins_cgroups_before_exec(fx, tmp_path):
+    procs_file = tmp_path / "cgroup.procs"
+    procs_file.write_text("")
+    out = tmp_path / "out"
+    child = fx.spawn([sys.executable, "-c",
+                      "import os; open(%r, 'w').write('%%d %%d' %% (os.getsid(0), os.getpid()))"
+                      % str(out)],
+                     cwd="/", env={"PATH": "/usr/bin:/bin"}, cgroup_procs=["/cgroup.procs"])
+    wait_for(lambda: child.poll() is not None)
+    assert child.poll() == 0
+    sid, pid = map(int, out.read_text().split())
+    assert sid == pid == child.pid  # a session of its own
+    assert procs_file.read_text() == str(child.pid)  # written by the child itself
+
+
+def test_pid_file_lock_is_the_agents(fx, tmp_path):
+    fx.makedirs("/var/run", 0o755)
+    path = str(tmp_path / "var/run/elkeid-agent.pid")
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time\n"
+                               "from elkeid_agent.pidlock import PidLock\n"
+                               "PidLock(sys.argv[1]).acquire(); print('held', flush=True)\n"
+                               "time.sleep(60)", path], stdout=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        assert fx.pidfile_holder("/var/run/elkeid-agent.pid") == holder.pid
+        assert fx.try_lock("/var/run/elkeid-agent.pid") is None
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: the file stays, the lock does not.
+    assert os.path.exists(path)
+    assert fx.pidfile_holder("/var/run/elkeid-agent.pid") is None
+    lock = fx.try_lock("/var/run/elkeid-agent.pid")
+    assert lock is not None
+    assert fx.pidfile_holder("/var/run/elkeid-agent.pid") == os.getpid()
+    lock.release()
+    assert not os.path.exists(path)
+
+
+def test_two_real_checks_at_once(tmp_path):
+    """The real ctl with the real lock: a second check while the first holds
+    /var/run/elkeidctl.pid says so and exits 75."""
+    if os.geteuid() != 0:
+        pytest.skip("elkeidctl check needs root")
+    root = tmp_path / "root"
+    (root / "etc/elkeid").mkdir(parents=True)
+    (root / "var/run").mkdir(parents=True)
+    (root / "etc/elkeid/specified_env").write_text("service_type=sysvinit\n")
+    first = PidLock(str(root / "var/run/elkeidctl.pid"))
+    first.acquire()
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c",
+             "import sys\nfrom elkeid_agent import ctl\n"
+             "from elkeid_agent.osfx.service import ServiceEffects\n"
+             "sys.exit(ctl.main(['check'], fx=ServiceEffects(root=sys.argv[1])))", str(root)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    finally:
+        first.release()
+    assert p.returncode == 75, p.stderr
+    assert ("another elkeidctl (pid %d) holds /var/run/elkeidctl.pid" % os.getpid()).encode() \
+        in p.stderr
+    assert b"Traceback" not in p.stderr
