@@ -143,11 +143,15 @@ def test_deb_contents_and_control(packages, arch, tmp_path):
         assert (control / deb_name).read_text().strip() == script(ours).strip()
     assert not (control / "conffiles").exists()
     # The zipapp inside is built for the package's architecture.
+    elf_machine = {"amd64": 62, "arm64": 183}[arch]  # EM_X86_64, EM_AARCH64
     with zipfile.ZipFile(io.BytesIO(pyz)) as zf:
         meta = json.loads(zf.read("elkeid_zipapp.json"))
-        sos = [n for n in zf.namelist() if n.endswith(".so") and "cygrpc" in n]
+        sos = [n for n in zf.namelist() if n.endswith(".so")]
+        machines = {n: int.from_bytes(zf.open(n).read(20)[18:20], "little") for n in sos}
     assert meta["arch"] == ARCHES[arch] and meta["version"] == VERSION
-    assert len(sos) == 5 and all(ARCHES[arch] in n for n in sos)
+    assert len([n for n in sos if "cygrpc" in n]) == 5
+    assert all(ARCHES[arch] in n or n.endswith(".abi3.so") for n in sos), sos
+    assert set(machines.values()) == {elf_machine}, machines
 
 
 def test_packaged_zipapp_runs_here(packages, tmp_path):
