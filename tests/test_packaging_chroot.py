@@ -37,7 +37,8 @@ AGENT_ID = "chroot-agent-1"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Where the tree comparison does not look: dpkg's and the kernel's own state.
 UNCOMPARED = ("proc/", "dev/", "tmp/", "var/lib/dpkg/", "var/log/", "var/cache/debconf/",
-              "root/elkeid-certs/", "run/")
+              "root/elkeid-certs/", "run/", "var/lib/rpm/", "usr/lib/sysimage/rpm/",
+              "var/tmp/")
 
 
 def debian_arch():
@@ -95,6 +96,14 @@ class Chroot:
                            stderr=subprocess.PIPE, timeout=120)
         assert p.returncode == 0, p.stderr.decode()
 
+    def host_run(self, *argv, env=None):
+        """A command of this machine (not the chroot's) in the namespace."""
+        p = subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m"] + list(argv),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300,
+                           env=env)
+        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8",
+                                                                                 "replace")
+
     def run(self, *argv, env=None, timeout=180):
         e = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
         e.update(env or {})
@@ -128,7 +137,8 @@ class Chroot:
                 dirs[:] = []
                 continue
             for name in dirs + files:
-                out.add(rel + name)
+                if not any((rel + name + "/").startswith(u) for u in UNCOMPARED):
+                    out.add(rel + name)
         return out
 
     def close(self):
@@ -253,3 +263,30 @@ def test_deb_in_a_debian_chroot_sysvinit_end_to_end(chroot, packages, tmp_path):
         assert before - after == set(), "removed: %s" % sorted(before - after)
     finally:
         dc.stop()
+
+
+def test_rpm_scriptlets_install_and_erase_in_a_chroot(chroot, packages):  # noqa: F811
+    """rpm runs the scriptlets with its own arguments (1 on install, 0 on
+    erase) inside the root: the same end result as the .deb."""
+    if not shutil.which("rpm"):
+        pytest.skip("rpm is not installed (.ci/run installs it)")
+    c = chroot
+    before = c.tree()
+    os.makedirs(c.path("/etc/elkeid"), mode=0o700)
+    with open(c.path("/etc/elkeid/specified_env"), "w") as f:
+        f.write("ELKEID_SERVER=127.0.0.1:9\n")  # nothing listens: it keeps retrying
+    rpm = ["rpm", "--root=" + c.root, "--dbpath=/var/lib/rpm", "--nodeps"]
+    env = {"PATH": BASE_PATH, "SPECIFIED_AGENT_ID": "rpm-agent"}
+    rc, out, err = c.host_run(*(rpm + ["-i", packages[debian_arch(), "rpm"]]), env=env)
+    assert rc == 0, out + err
+    assert "post-install failed" not in err
+    rc, out, err = c.run("/etc/elkeid/elkeidctl", "status", "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["state"] == "running" and info["service_type"] == "sysvinit"
+    assert c.processes() == [info["pid"]]
+    rc, out, err = c.host_run(*(rpm + ["-e", "elkeid-agent"]), env=env)
+    assert rc == 0, out + err
+    assert c.processes() == []
+    after = c.tree()
+    assert after - before == set(), "left behind: %s" % sorted(after - before)
+    assert before - after == set(), "removed: %s" % sorted(before - after)

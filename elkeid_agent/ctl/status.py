@@ -90,7 +90,8 @@ def _sysvinit(ctl, info):
     info.update(running=holder is not None, pid=holder, enabled=enabled,
                 cron_check=fx.exists(CRON_FILE), processes=sorted(pids),
                 cgroup={"mode": cg.system.mode, "hierarchies": cg.limits(),
-                        "agent_in_cgroup": cg.contains(holder) if holder else None})
+                        "agent_in_cgroup": cg.contains(holder) if holder and cg.paths()
+                        else None})
     if holder is not None:
         info["state"] = "running"
         return EXIT_OK
@@ -196,7 +197,8 @@ def render_table(info):
             parts.append("%s %s%s" % (kind, h["path"],
                                       (" (" + limits + ")") if limits else
                                       ("" if h["exists"] else " (absent)")))
-        text = "%s: %s" % (cg["mode"], "; ".join(parts) if parts else "none")
+        text = "%s: %s" % (cg["mode"], "; ".join(parts)) if parts else \
+            "none (no cgroup support found: no CPU or memory limits)"
         if cg.get("agent_in_cgroup") is False:
             text += "; the agent is NOT in it"
         rows.append(("cgroup", text))
