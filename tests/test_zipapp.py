@@ -480,3 +480,38 @@ def test_agent_from_zipapp_connects_to_devcenter(pyz, tmp_path, devcenter, versi
         err = agent.stderr.read().decode("utf-8", "replace")
     assert rc == 0, err
     assert "Traceback" not in err
+
+
+def test_agent_from_zipapp_feeds_the_systemd_watchdog(pyz, tmp_path, devcenter):
+    """What systemd sees of a Type=notify unit: READY=1, WATCHDOG=1 before
+    each WatchdogSec runs out (here 4 s; the unit says 180 s), STOPPING=1."""
+    import socket
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    env = env_for(tmp_path / "cache", NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="4000000")
+    argv = [SYSTEM_PY, pyz, "run", "--workdir", str(tmp_path / "wd"), "--server", devcenter.grpc,
+            "--agent-id", "zipapp-watchdog"] + devcenter.cert_args
+    agent = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while "READY=1" not in sock.recv(4096).decode():
+            pass
+        last = time.monotonic()
+        gaps = []
+        while len(gaps) < 3:
+            if "WATCHDOG=1" in sock.recv(4096).decode():
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+        # systemd kills the unit when a whole WatchdogSec passes without a ping.
+        assert max(gaps) < 4.0, gaps
+        agent.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in sock.recv(4096).decode():
+            pass
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+        rc = agent.wait(30)
+        sock.close()
+    assert rc == 0, agent.stderr.read().decode()
