@@ -122,6 +122,7 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
     from ..devtools import AgentProc, DevCenterProc, wait_until
     from ..sample_plugin import build
 
+    own = base is None
     base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-plugin-e2e-"))
     dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store="counts")
     agent = None
@@ -159,6 +160,8 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
             except AssertionError:  # killed after 20 s: report it, do not hide it
                 clean_exit = False
         dc.stop()
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
     records = n1 - n0
     elapsed = t1 - t0
     return {"plugins": plugins, "record_size": record_size, "seconds": elapsed,
