@@ -135,3 +135,41 @@ def test_byte_accounting_is_exact(priority):
     b = q.take_batch(2, 10**6)
     q.requeue(b)
     assert q.bytes == sum(sizes) and q.count == len(sizes)
+
+
+def test_full_queue_put_cost_does_not_grow_with_queue_length():
+    # Count work, not time: a put into a full queue must look only at what
+    # it evicts. Wrap deques so any full scan (len() over every item) shows.
+    m = Registry()
+    q = RecordQueue(200_000, m)
+    for i in range(20_000):
+        q.put(rec(i))
+    calls = [0]
+    import builtins
+    real_len = builtins.len
+
+    def counting_len(x):
+        calls[0] += 1
+        return real_len(x)
+
+    import elkeid_agent.queue as qmod
+    qmod.len = counting_len
+    try:
+        for i in range(100):
+            q.put(rec(100_000 + i))
+    finally:
+        del qmod.len
+    assert calls[0] < 100 * 10, calls[0]
+    assert q.bytes == 200_000 and q._pbytes == [200_000, 0]
+    assert m.get("queue_dropped_records", reason="overflow", priority="normal") == 100
+
+
+def test_per_priority_bytes_stay_exact_through_all_operations():
+    q = RecordQueue(1000, Registry())
+    for i in range(50):
+        q.put(rec(i, 30), HIGH if i % 3 == 0 else NORMAL)
+    b = q.take_batch(7, 10_000)
+    q.requeue(b)
+    q.take_batch(3, 10_000)
+    expect = [sum(map(len, q._queues[p])) for p in (NORMAL, HIGH)]
+    assert q._pbytes == expect and q.bytes == sum(expect)
