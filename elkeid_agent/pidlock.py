@@ -31,6 +31,26 @@ def _read_pid(fd):
     return pid if pid > 0 else None
 
 
+# elkeidctl's read_holder() probes with a momentary shared lock; a start
+# that lands on that instant must wait it out, not report a rival agent.
+LOCK_ATTEMPTS = 10
+LOCK_RETRY_SECONDS = 0.02
+
+
+def _flock_exclusive(fd):
+    """Take LOCK_EX, retrying briefly while it is busy; None on success,
+    else the last OSError."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as exc:
+            if exc.errno not in _LOCKED or attempt == LOCK_ATTEMPTS - 1:
+                return exc
+            time.sleep(LOCK_RETRY_SECONDS)
+    return None
+
+
 class PidLock:
     def __init__(self, path):
         self.path = path
@@ -75,9 +95,8 @@ class PidLock:
         except OSError as exc:
             raise LocalFault("cannot open the pid file %s: %s"
                              % (self.path, exc.strerror or exc)) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        exc = _flock_exclusive(fd)
+        if exc is not None:
             holder = _read_pid(fd)
             os.close(fd)
             if exc.errno in _LOCKED:

@@ -134,3 +134,24 @@ def test_held_lock_with_garbage_content_reads_as_no_pid(tmp_path):
             PidLock(str(path)).acquire()
     finally:
         os.close(fd)
+
+
+def test_acquire_waits_out_a_momentary_probe(tmp_path):
+    # elkeidctl's read_holder() takes a shared lock for an instant; an agent
+    # starting at that moment must not mistake it for a rival agent.
+    import fcntl
+    import threading
+    from elkeid_agent.pidlock import PidLock
+    path = str(tmp_path / "agent.pid")
+    open(path, "w").close()
+    probe = os.open(path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    release = threading.Timer(0.05, lambda: os.close(probe))
+    release.start()
+    lock = PidLock(path)
+    try:
+        lock.acquire()
+        assert open(path).read().strip() == str(os.getpid())
+    finally:
+        release.join()
+        lock.release()
