@@ -71,11 +71,29 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
     ls -l dist/elkeid-agent_"${version}"_* >&2
 }
 
+# System tools some tests use: debootstrap (the Debian chroot install test),
+# rpm (rpm -qpl and scriptlets), systemd-analyze (unit check). Installed
+# only when missing and only as root with apt-get; elsewhere those tests
+# say what they lack.
+system_tools() {
+    local missing=()
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    command -v rpm >/dev/null 2>&1 || missing+=(rpm)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing ${missing[*]} for the packaging tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     test)
         venv
+        system_tools
         say "running tests"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
