@@ -221,8 +221,8 @@ def test_sigterm_is_a_graceful_exit(tmp_path):
         stopping = await rig.wait_record(lambda f: f["status"] == "stopping",
                                          data_type=HEARTBEAT)
         assert stopping["pid"] == str(pid)
-        await wait_until(lambda: rig.status("sample")["last_error"] == "exited with code 0",
-                         what="clean exit")
+        await wait_until(lambda: rig.status("sample")["last_error"]
+                         == "exited with code 0: stopping", what="clean exit")
         assert not alive(pid)
         await rig.sup.shutdown()
 
@@ -236,7 +236,8 @@ def test_bad_config_file_crash_loops_into_fatal(tmp_path):
         sha = build.install(rig.workdir, "sample", sys.executable, {"http_host": "0.0.0.0"})
         await rig.sup.sync([config("sample", sha=sha)])
         await wait_until(lambda: rig.status("sample")["state"] == "fatal", what="fatal")
-        assert rig.status("sample")["last_error"] == "exited with code 2"
+        assert rig.status("sample")["last_error"].startswith(
+            "exited with code 2: bad configuration: http_host '0.0.0.0' is not a loopback")
         with open(os.path.join(rig.plugin_dir("sample"), "sample.stderr")) as f:
             err = json.loads(f.readline())
         assert err["level"] == "error" and "not a loopback address" in err["msg"]

@@ -337,13 +337,14 @@ def test_crash_loop_backs_off_then_goes_fatal_and_can_be_revived(tmp_path, use_p
         await wait_until(lambda: rig.status("crash")["state"] == FATAL, what="fatal")
         st = rig.status("crash")
         assert st["restarts"] == 2 and st["failures"] == 3 and st["pid"] == 0
-        assert st["last_error"] == "exited with code 3"
+        # The reason carries the last line the plugin wrote to stderr.
+        assert st["last_error"] == "exited with code 3: boom: cannot start"
         assert rig.state.reasons() == ["plugin crash is fatal after 3 failed runs: "
-                                       "exited with code 3"]
+                                       "exited with code 3: boom: cannot start"]
         with open(os.path.join(rig.plugin_dir("crash"), "crash.stderr")) as f:
             assert "boom" in f.read()
         hb = wire.decode_record(rig.sup.heartbeat_records(time.time())[0])[2]
-        assert hb["state"] == "fatal" and hb["last_error"] == "exited with code 3"
+        assert hb["state"] == "fatal" and hb["last_error"].startswith("exited with code 3")
         assert "pid" not in hb and hb["restarts"] == "2"
         with pytest.raises(ServerFault, match="is fatal"):
             rig.sup.send_task(task("crash"))
@@ -368,8 +369,24 @@ def test_unstartable_executable(tmp_path):
         os.chmod(os.path.join(directory, "junk"), 0o700)
         await rig.sup.sync([config("junk", sha=sha256(data))])
         await wait_until(lambda: rig.status("junk")["state"] == FATAL, what="fatal")
-        assert rig.status("junk")["last_error"].startswith("cannot start")
-        assert "Exec format error" in rig.status("junk")["last_error"]
+        assert rig.status("junk")["last_error"] == (
+            "exited with code 127: elkeid-agent: cannot execute %s: Exec format error"
+            % os.path.join(directory, "junk"))
+        await rig.sup.shutdown()
+
+    run(main())
+
+
+def test_executable_without_exec_permission(tmp_path):
+    async def main():
+        rig = Rig(tmp_path)
+        sha = install(rig.workdir, "noexec", "sdk_probe.py")
+        os.chmod(os.path.join(rig.plugin_dir("noexec"), "noexec"), 0o600)
+        await rig.sup.sync([config("noexec", sha=sha)])
+        await wait_until(lambda: rig.status("noexec")["state"] == FATAL, what="fatal")
+        assert rig.status("noexec")["last_error"].startswith(
+            "exited with code 126: elkeid-agent: cannot execute")
+        assert "Permission denied" in rig.status("noexec")["last_error"]
         await rig.sup.shutdown()
 
     run(main())
@@ -643,7 +660,7 @@ def test_heartbeat_records(tmp_path):
         for key in ("cpu", "rx_tps", "tx_tps", "rx_speed", "tx_speed"):
             assert len(probe_hb[key].split(".")[1]) == 8  # "%.8f"
         assert crash_hb["state"] in ("backoff", "fatal") and "pid" not in crash_hb
-        assert crash_hb["last_error"] == "exited with code 3"
+        assert crash_hb["last_error"] == "exited with code 3: boom: cannot start"
         await rig.sup.shutdown()
 
     run(main())
@@ -680,5 +697,52 @@ def test_removing_a_plugin_in_backoff_or_fatal(tmp_path):
         await rig.sup.sync([])
         assert rig.sup.names() == [] and rig.state.reasons() == []
         await rig.sup.shutdown()
+
+    run(main())
+
+
+def test_spawning_next_to_a_busy_grpc_stream(tmp_path):
+    """gRPC's fork handlers abort a fork()ed child now and then while a
+    stream is busy; plugins are spawned without fork() so none is lost."""
+    grpc = pytest.importorskip("grpc")
+
+    async def main():
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+
+        async def echo(requests, context):
+            async for r in requests:
+                yield r
+
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "t.T", {"E": grpc.stream_stream_rpc_method_handler(echo)}),))
+        await server.start()
+
+        async def traffic():
+            async with grpc.aio.insecure_channel("127.0.0.1:%d" % port) as ch:
+                call = ch.stream_stream("/t.T/E")()
+                while True:
+                    await call.write(b"x" * 1000)
+                    await call.read()
+
+        busy = asyncio.ensure_future(traffic())
+        await asyncio.sleep(0.3)
+        effects = ProcessEffects()
+        codes = []
+        try:
+            for _ in range(100):
+                r, w = os.pipe()
+                err = os.open(os.devnull, os.O_WRONLY)
+                child = effects.spawn("/bin/true", cwd="/", env={}, stderr_fd=err,
+                                      fd_map={3: r, 4: w})
+                for fd in (r, w, err):
+                    os.close(fd)
+                await asyncio.sleep(0.005)
+                await asyncio.get_running_loop().run_in_executor(None, effects.reap, child)
+                codes.append(child.returncode)
+        finally:
+            busy.cancel()
+            await server.stop(0)
+        assert codes == [0] * 100
 
     run(main())

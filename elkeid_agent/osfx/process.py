@@ -5,38 +5,42 @@ Everything here touches the host; the plugin supervisor reaches it only
 through a ``ProcessEffects`` instance so tests can substitute a recorder and a
 reviewer can audit, in one file, what the agent does to processes.
 
-How a plugin is started (PROTOCOL.md section 1):
-- ``subprocess.Popen`` (fork + exec in C) with stdin/stdout on /dev/null,
-  stderr on the ``<name>.stderr`` file, cwd = plugin dir, an explicit env.
-- A ``preexec_fn`` runs in the child between fork and exec and does only
-  what cannot be done otherwise: ``setpgid(0, 0)``, ``PR_SET_PDEATHSIG =
-  SIGKILL`` (the kernel kills the plugin when the agent dies, however it
-  dies; the setting survives ``execve`` of non-setuid programs, so plugins
-  that re-exec themselves stay covered), then ``dup2`` of the pipe ends onto
-  fds 3, 4 and 5 and closing of every other inheritable fd.
-- Why ``close_fds=False``: Popen closes non-``pass_fds`` descriptors *after*
-  preexec_fn, which would close fds 3-5 again; and ``pass_fds=(3, 4, 5)``
-  fails when those numbers are not open in the parent. The preexec closes
-  leaked inheritable fds itself (by /proc/self/fd), leaving close-on-exec
-  ones - among them Popen's error pipe - to exec.
+How a plugin is started (PROTOCOL.md section 1), without ``fork()``:
+- ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)``) with file
+  actions putting /dev/null on stdin/stdout, the ``<name>.stderr`` file on
+  stderr and the pipe ends on fds 3, 4 and 5; its own process group
+  (``setpgroup=0``); SIGPIPE/SIGXFSZ back to default (Python ignores them
+  and ignored signals survive exec); an empty signal mask.
+- What posix_spawn cannot do is done by a tiny exec shim, ``python -I -S
+  -c SHIM`` (~10 ms, then replaced by the plugin): ``chdir`` to the plugin
+  dir, ``PR_SET_PDEATHSIG = SIGKILL`` (the kernel kills the plugin when the
+  agent dies, however it dies; the setting survives ``execve`` of
+  non-setuid programs, so plugins that re-exec stay covered), a check that
+  the agent did not die before that, closing any inherited fd above 5, then
+  ``execve`` of the plugin. If that exec fails, the shim says why on the
+  plugin's stderr and exits 127 (126 for a permission error).
+- Why not ``subprocess.Popen(preexec_fn=...)``: a ``preexec_fn`` forces
+  ``fork()``, and ``fork()`` in a process running gRPC runs gRPC's
+  pthread_atfork handlers, whose child side aborts (``Check failed:
+  next_worker->state == KICKED``) in about one spawn in seven while the
+  stream is busy. posix_spawn runs no atfork handlers.
 - ``reserve_low_fds`` keeps fds 0-5 of the agent occupied (by /dev/null,
-  close-on-exec) so Popen's own error pipe can never be one of 3-5, where
-  the preexec ``dup2`` would silently replace it.
+  close-on-exec) so every pipe end is above 5 and no dup2 target can be a
+  source.
 
 Exit is observed without reaping (pidfd readable, or ``waitid(WNOWAIT)`` in
 a thread on kernels before 5.3): while the leader is a zombie its pid, and so
 its process-group id, cannot be reused, which makes the group kill that
 follows race-free. Only then is the zombie reaped.
 
-PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: spawn
+PR_SET_PDEATHSIG fires when the *thread* that created the child exits: spawn
 from the event-loop thread, which lives as long as the agent.
 """
 
 import ctypes
-import fcntl
 import os
 import signal
-import subprocess
+import sys
 import threading
 from collections import namedtuple
 
@@ -46,20 +50,33 @@ PR_GET_PDEATHSIG = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-
-def _load_prctl():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-# Resolved in the parent at import: the child must not dlopen after fork.
-_PRCTL = _load_prctl()
+# argv: plugin dir, executable, agent pid, death signal, highest fd to keep.
+SHIM = r"""
+import os, sys
+d, exe, ppid, sig, keep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def die(code, what, e):
+    os.write(2, ("elkeid-agent: cannot %s %s: %s\n" % (what, exe, e.strerror or e)).encode())
+    os._exit(code)
+try:
+    os.chdir(d)
+except OSError as e:
+    die(127, "enter the directory of", e)
+if sig:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, sig, 0, 0, 0)
+    if os.getppid() != ppid:
+        os._exit(111)
+for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
+    if fd > keep:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+try:
+    os.execve(exe, [exe], os.environ)
+except OSError as e:
+    die(126 if isinstance(e, PermissionError) else 127, "execute", e)
+"""
 
 
 def reserve_low_fds(upto=5):
@@ -73,41 +90,12 @@ def reserve_low_fds(upto=5):
             return
 
 
-class ChildSetup:
-    """The preexec_fn: runs in the forked child just before exec."""
+class Child:
+    """A spawned process: ``pid`` and, once reaped, ``returncode``."""
 
-    def __init__(self, fd_map, parent_pid, pdeathsig=signal.SIGKILL, new_group=True):
-        self.targets = sorted(fd_map)
-        self.sources = [fd_map[t] for t in self.targets]
-        self.parent_pid = parent_pid
-        self.pdeathsig = pdeathsig
-        self.new_group = new_group
-
-    def __call__(self):
-        if self.new_group:
-            os.setpgid(0, 0)
-        if self.pdeathsig and _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, int(self.pdeathsig), 0, 0, 0)
-            # The agent may have died between fork and prctl: then nobody
-            # would ever deliver the signal.
-            if os.getppid() != self.parent_pid:
-                os._exit(111)
-        top = max(self.targets) if self.targets else 2
-        # Move sources above every target first so no dup2 clobbers a source.
-        moved = [fcntl.fcntl(src, fcntl.F_DUPFD, top + 64) for src in self.sources]
-        for target, fd in zip(self.targets, moved):
-            os.dup2(fd, target)  # the copy is inheritable
-        for fd in moved:
-            os.close(fd)
-        for entry in os.listdir("/proc/self/fd"):
-            fd = int(entry)
-            if fd <= top:
-                continue
-            try:
-                if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                    os.close(fd)
-            except OSError:
-                pass
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
 
 
 ProcSample = namedtuple("ProcSample", "pid pgrp cpu_seconds rss start_ticks")
@@ -166,36 +154,45 @@ class ProcessEffects:
 
     sane_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-    def __init__(self, use_pidfd=True):
+    def __init__(self, use_pidfd=True, python=None):
         self.use_pidfd = use_pidfd
+        # The shim's interpreter: this one (the zipapp runs on the system's).
+        self.python = python or sys.executable or "/usr/bin/python3"
 
     # ------------------------------------------------------------ spawning
 
     def spawn(self, exe, cwd, env, stderr_fd, fd_map, pdeathsig=signal.SIGKILL):
-        """Start ``exe`` (no arguments) with ``fd_map`` {child fd: parent fd}.
-
-        Returns the Popen object; the caller owns exit watching and reaping
-        (see ``watch_exit`` and ``reap``)."""
+        """Start ``exe`` (no arguments) in ``cwd`` with ``fd_map`` {child fd:
+        parent fd} and stderr on ``stderr_fd``. Returns a ``Child``; the
+        caller owns exit watching and reaping (``watch_exit``, ``reap``).
+        Raises OSError if the shim cannot be started; a plugin that cannot
+        be executed exits 126/127 with the reason on its stderr."""
         reserve_low_fds()
-        setup = ChildSetup(fd_map, os.getpid(), pdeathsig=pdeathsig)
-        return subprocess.Popen(
-            [exe], executable=exe, cwd=cwd, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd,
-            close_fds=False, preexec_fn=setup, restore_signals=True)
+        top = max(fd_map)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, stderr_fd, 2)]
+        for target in sorted(fd_map):
+            if fd_map[target] <= top or stderr_fd <= top:
+                raise ValueError("fd %d would be overwritten by a dup2" % fd_map[target])
+            actions.append((os.POSIX_SPAWN_DUP2, fd_map[target], target))
+        argv = [self.python, "-I", "-S", "-c", SHIM, cwd, exe, str(os.getpid()),
+                str(int(pdeathsig or 0)), str(top)]
+        pid = os.posix_spawn(self.python, argv, env, file_actions=actions, setpgroup=0,
+                             setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        return Child(pid)
 
     def watch_exit(self, loop, pid, callback):
         return ExitWatch(loop, pid, callback, use_pidfd=self.use_pidfd)
 
-    def reap(self, popen):
-        """Collect an exited child; returns its exit code (negative = signal).
-        Sets ``popen.returncode`` so subprocess never polls the pid again."""
+    def reap(self, child):
+        """Collect an exited child; returns its exit code (negative = signal)."""
         try:
-            _, status = os.waitpid(popen.pid, 0)
-            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-                else _exit_code(status)
+            _, status = os.waitpid(child.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
-            code = popen.returncode if popen.returncode is not None else -1
-        popen.returncode = code
+            code = child.returncode if child.returncode is not None else -1
+        child.returncode = code
         return code
 
     # ------------------------------------------------------------ signals
@@ -266,12 +263,6 @@ class ProcessEffects:
         return out
 
 
-def _exit_code(status):
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
 def _all_pids():
     try:
         names = os.listdir("/proc")
@@ -325,8 +316,6 @@ def read_proc(pid):
 
 def get_pdeathsig():
     """The calling process's parent-death signal (used by tests and plugins)."""
-    if _PRCTL is None:
-        return 0
     out = ctypes.c_int(0)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(out), 0, 0, 0) != 0:
@@ -334,5 +323,5 @@ def get_pdeathsig():
     return out.value
 
 
-__all__ = ["ProcessEffects", "ChildSetup", "ExitWatch", "ProcSample", "read_proc",
+__all__ = ["ProcessEffects", "Child", "ExitWatch", "ProcSample", "read_proc", "SHIM",
            "reserve_low_fds", "get_pdeathsig"]

@@ -10,10 +10,10 @@ States: starting, running, backoff, stopping, stopped, fatal.
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections import deque
 
@@ -126,6 +126,7 @@ class PluginRunner:
         self.loop = sup.loop
         self.dir = os.path.join(sup.plugin_root, spec.name)
         self.exe = os.path.join(self.dir, spec.name)
+        self.stderr_path = os.path.join(self.dir, spec.name + ".stderr")
         self.state = STOPPED
         self.restart = RestartPolicy(self.policy)
         self.limits = None
@@ -133,7 +134,7 @@ class PluginRunner:
         self.restarts = 0
         self.next_start = 0.0
         # process
-        self.popen = None
+        self.child = None
         self.pid = 0
         self.start_time = 0.0
         self.exit_code = None
@@ -259,7 +260,7 @@ class PluginRunner:
         self._exited = self.loop.create_future()
         try:
             await self._spawn()
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, ValueError) as exc:
             self._close_pipes()
             return "cannot start %s: %s" % (self.exe, getattr(exc, "strerror", None) or exc)
         self.state = RUNNING
@@ -279,16 +280,18 @@ class PluginRunner:
         await self._terminate(graceful=(kind == "limit"))
         if kind == "exit":
             reason = describe_exit(self.exit_code)
+            said = await self.loop.run_in_executor(None, last_line, self.stderr_path)
+            if said:
+                reason += ": " + said
             if self._eof_error:
                 reason += "; " + self._eof_error
         return reason
 
     async def _spawn(self):
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        stderr_path = os.path.join(self.dir, self.name + ".stderr")
         fds = []
         try:
-            stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+            stderr_fd = os.open(self.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                                 | os.O_CLOEXEC, 0o600)
             fds.append(stderr_fd)
             os.fchmod(stderr_fd, 0o600)
@@ -299,7 +302,7 @@ class PluginRunner:
             high_r, high_w = os.pipe()
             fds += [high_r, high_w]
             _grow_pipe(data_r, self.policy.pipe_buffer)
-            self.popen = self.system.spawn(
+            self.child = self.system.spawn(
                 self.exe, cwd=self.dir, env=self._env(), stderr_fd=stderr_fd,
                 fd_map={TASK_FD: task_r, RECORD_FD: data_w, HIGH_FD: high_w})
         except BaseException:
@@ -311,7 +314,7 @@ class PluginRunner:
         # From here on the file objects own the agent's ends.
         files = [open(data_r, "rb", buffering=0), open(high_r, "rb", buffering=0),
                  open(task_w, "wb", buffering=0)]
-        self.pid = self.popen.pid
+        self.pid = self.child.pid
         self.start_time = time.time()
         self.sup._record_group(self)
         self._watch = self.system.watch_exit(self.loop, self.pid, self._on_exit)
@@ -351,7 +354,7 @@ class PluginRunner:
         ours, so kill whatever it left behind, then reap."""
         self._watch = None
         self.system.kill_group(self.pid, signal.SIGKILL)
-        self.exit_code = self.system.reap(self.popen)
+        self.exit_code = self.system.reap(self.child)
         self.sup._forget_group(self)
         if not self._exited.done():
             self._exited.set_result(self.exit_code)
@@ -515,6 +518,30 @@ class PluginRunner:
             fields["nfd"] = str(stats.nfd)
             fields["start_time"] = str(stats.start_time)
         return fields
+
+
+def last_line(path, limit=200):
+    """The last non-empty line of a plugin's stderr (what it said as it
+    died), at most ``limit`` characters; "" if none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[-1].decode("utf-8", "replace")
+    if text.startswith("{"):  # a JSON log line: its message says it
+        try:
+            msg = json.loads(text).get("msg")
+        except (ValueError, AttributeError):
+            msg = None
+        if isinstance(msg, str) and msg:
+            text = msg
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10 on
