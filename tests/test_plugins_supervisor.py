@@ -453,6 +453,32 @@ def test_flooding_plugin_does_not_starve_the_others(tmp_path):
     run(main())
 
 
+def test_a_full_queue_makes_ingest_yield_the_loop(tmp_path):
+    """Over high water a heavy producer is held (not read, not closed)
+    while a light one keeps flowing and nothing of it is evicted."""
+    async def main():
+        rig = Rig(tmp_path, queue_bytes=4 * 1024 * 1024)
+        flood = install(rig.workdir, "flood", "flood.py")
+        probe = install(rig.workdir, "probe", "sdk_probe.py")
+        await rig.sup.sync([config("flood", sha=flood), config("probe", sha=probe)])
+        await started(rig, "probe")
+        await wait_until(lambda: rig.metrics.get("plugin_ingest_held", plugin="flood") > 10,
+                         what="holds")
+        assert len(rig.queue) > 0 and rig.queue.bytes > rig.sup.policy.queue_high_water * (
+            4 * 1024 * 1024) - 256 * 1024
+        # A slow sender: other plugins still get through.
+        rig.ignore.add(7300)
+        drainer = asyncio.ensure_future(rig.keep_draining(0.05))
+        rig.sup.send_task(task("probe", token="while-full"))
+        await rig.wait_record(lambda f: f["token"] == "while-full", data_type=7003)
+        assert rig.status("flood")["state"] == RUNNING
+        assert rig.metrics.get("plugin_ingest_held", plugin="probe") == 0
+        drainer.cancel()
+        await rig.sup.shutdown()
+
+    run(main())
+
+
 def test_ingest_rate_cap_pauses_instead_of_dropping(tmp_path):
     async def main():
         rate = 2 * 1024 * 1024

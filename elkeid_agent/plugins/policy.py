@@ -53,6 +53,17 @@ class Policy:
     # Per-plugin ingest cap in bytes/s; 0 = none. Excess is not dropped: the
     # pipe is paused, so the plugin blocks in write (backpressure).
     ingest_max_bytes_per_sec: float = 0.0
+    # Above this share of the record queue's byte budget the sender is not
+    # keeping up. A pipe read of at least ``heavy_read`` bytes (a plugin
+    # writing as fast as the pipe takes it) is then followed by a hold:
+    # that pipe is not read again until the queue is back under high water,
+    # or for ``hold_max`` seconds at most. Light producers are never held,
+    # heavy ones cannot evict their records or starve the sender on the
+    # loop, and during an outage the queue's own overflow policy (spool or
+    # drop) still gets a heavy plugin's data, one read per ``hold_max``.
+    queue_high_water: float = 0.5
+    heavy_read: int = 64 * 1024
+    hold_max: float = 0.5
     # Kernel buffer of the fd 4 pipe (default 64 KiB): 1 MiB lets one read
     # take ~5000 records of 200 bytes and gives a plugin slack. 0 = default.
     pipe_buffer: int = 1024 * 1024
@@ -85,6 +96,10 @@ class Policy:
                      "extract_max_bytes", "extract_max_members", "stderr_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1" % name)
+        if not 0 < self.queue_high_water <= 1:
+            raise ValueError("queue_high_water must be in (0, 1]")
+        if self.hold_max <= 0 or self.heavy_read < 1:
+            raise ValueError("hold_max must be > 0 and heavy_read >= 1")
         if self.pipe_buffer < 0:
             raise ValueError("pipe_buffer must be >= 0 (0 keeps the kernel default)")
         if self.cpu_limit < 0 or self.rss_limit < 0 or self.ingest_max_bytes_per_sec < 0:

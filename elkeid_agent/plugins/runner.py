@@ -46,6 +46,7 @@ class _RecordPipe(asyncio.Protocol):
             rate = runner.policy.ingest_max_bytes_per_sec
             self.bucket = TokenBucket(rate, burst=max(rate, 256 * 1024), now=time.monotonic())
         self._resume_handle = None
+        self._hold_until = 0.0
 
     def connection_made(self, transport):
         self.transport = transport
@@ -69,12 +70,33 @@ class _RecordPipe(asyncio.Protocol):
             r.metrics.inc("plugin_record_bytes", size, plugin=r.name, priority=label)
         if error is not None:
             r.protocol_violation(str(error))
-        elif self.bucket is not None:
+            return
+        pause = 0.0
+        if self.bucket is not None:
             pause = self.bucket.charge(time.monotonic(), len(data))
-            if pause > 0 and self.transport is not None and self._resume_handle is None:
-                self.transport.pause_reading()
+            if pause > 0:
                 r.metrics.inc("plugin_ingest_paused", plugin=r.name)
-                self._resume_handle = asyncio.get_running_loop().call_later(pause, self._resume)
+        if self.transport is None or self._resume_handle is not None:
+            return
+        if len(data) >= r.policy.heavy_read and r.queue.bytes > r.high_water:
+            # A heavy producer while the queue fills faster than it is sent:
+            # reading on would only evict older records (other plugins'
+            # too) and starve the sender on this loop. Hold this pipe until
+            # the queue is back under high water, or ``hold_max`` passed.
+            r.metrics.inc("plugin_ingest_held", plugin=r.name)
+            self.transport.pause_reading()
+            self._hold_until = time.monotonic() + max(pause, r.policy.hold_max)
+            self._resume_handle = asyncio.get_running_loop().call_later(0.01, self._check_hold)
+        elif pause > 0:
+            self.transport.pause_reading()
+            self._resume_handle = asyncio.get_running_loop().call_later(pause, self._resume)
+
+    def _check_hold(self):
+        r = self.runner
+        if r.queue.bytes > r.high_water and time.monotonic() < self._hold_until:
+            self._resume_handle = asyncio.get_running_loop().call_later(0.01, self._check_hold)
+            return
+        self._resume()
 
     def _resume(self):
         self._resume_handle = None
@@ -121,6 +143,7 @@ class PluginRunner:
         self.name = spec.name
         self.policy = sup.policy
         self.queue = sup.queue
+        self.high_water = self.policy.queue_high_water * sup.queue.max_bytes
         self.metrics = sup.metrics
         self.system = sup.system
         self.loop = sup.loop

@@ -73,6 +73,8 @@ class PluginSupervisor:
                 ("plugin_loads", "plugins loaded, by source"),
                 ("plugin_load_failures", "plugin configs that could not be loaded"),
                 ("plugin_ingest_paused", "times a plugin's pipe was paused by the rate cap"),
+                ("plugin_ingest_held", "reads after which a heavy producer's pipe was held "
+                                       "because the queue filled faster than it was sent"),
                 ("plugin_leftovers_killed", "processes of an earlier agent's plugins killed")):
             metrics.describe(name, text)
 

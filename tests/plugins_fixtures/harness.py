@@ -59,12 +59,12 @@ class Rig:
     """A supervisor with a real queue, metrics and state; ``records`` drains
     the queue into ``self.seen`` (the test plays the gRPC sender)."""
 
-    def __init__(self, workdir, **policy):
+    def __init__(self, workdir, queue_bytes=64 * 1024 * 1024, **policy):
         settings = dict(FAST)
         settings.update(policy)
         self.workdir = str(workdir)
         self.metrics = Registry()
-        self.queue = RecordQueue(64 * 1024 * 1024, self.metrics)
+        self.queue = RecordQueue(queue_bytes, self.metrics)
         self.state = AgentState()
         self.sup = PluginSupervisor(self.workdir, self.queue, self.metrics, self.state,
                                     **settings)
