@@ -6,6 +6,7 @@ all use these, so they exercise the same start-up path.
 Waiting is by polling with a deadline; nothing here asserts on speed.
 """
 
+import http.server
 import json
 import os
 import re
@@ -120,8 +121,9 @@ class DevCenterProc:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
-    def records(self, data_type=None, agent_id=None, limit=100000):
-        q = ["limit=%d" % limit]
+    def records(self, data_type=None, agent_id=None, limit=100000, after=0):
+        """Stored records, oldest first; ``after`` skips ids up to it."""
+        q = ["limit=%d" % limit, "after=%d" % after]
         if data_type is not None:
             q.append("data_type=%d" % data_type)
         if agent_id is not None:
@@ -229,3 +231,48 @@ class AgentProc:
                 raise AssertionError("agent did not exit within %s s of SIGTERM" % timeout)
         self.stderr.close()
         return self.proc.returncode
+
+
+class FileServer:
+    """http.server on 127.0.0.1 serving ``routes`` {path: (status, bytes,
+    headers)}; anything else is 404."""
+
+    def __init__(self):
+        self.routes = {}
+        self.hits = []
+        routes, hits = self.routes, self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append(self.path)
+                status, body, headers = routes.get(self.path, (404, b"missing", {}))
+                if callable(body):
+                    body(self)
+                    return
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path):
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def add(self, path, body, status=200, headers=None):
+        self.routes[path] = (status, body, headers or {})
+        return self.url(path)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

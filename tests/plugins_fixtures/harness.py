@@ -4,13 +4,13 @@ checks and a loopback HTTP server for downloads."""
 
 import asyncio
 import hashlib
-import http.server
 import os
 import sys
 import threading
 import time
 
 from elkeid_agent import wire
+from elkeid_agent.devtools import FileServer  # noqa: F401 (re-exported for the tests)
 from elkeid_agent.metrics import Registry
 from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.plugins import PluginSupervisor
@@ -148,48 +148,3 @@ def group_alive(pgid):
         if int(rest[2]) == pgid and rest[0] != b"Z":
             out.append(int(entry))
     return out
-
-
-class FileServer:
-    """http.server on 127.0.0.1 serving ``routes`` {path: (status, bytes,
-    headers)}; anything else is 404."""
-
-    def __init__(self):
-        self.routes = {}
-        self.hits = []
-        routes, hits = self.routes, self.hits
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hits.append(self.path)
-                status, body, headers = routes.get(self.path, (404, b"missing", {}))
-                if callable(body):
-                    body(self)
-                    return
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path):
-        return "http://127.0.0.1:%d%s" % (self.port, path)
-
-    def add(self, path, body, status=200, headers=None):
-        self.routes[path] = (status, body, headers or {})
-        return self.url(path)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
