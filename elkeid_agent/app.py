@@ -158,7 +158,8 @@ class Agent:
             from .plugins.supervisor import PluginSupervisor
         except ImportError:
             return None
-        return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state)
+        return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state,
+                                **self.settings.plugin_policy)
 
     # ------------------------------------------------------------ commands
 

@@ -99,6 +99,9 @@ class Settings:
     remote_log_per_minute: int = 60
     debug_port: int = 0  # 0: an ephemeral loopback port when toggled on
     pidfile: str = "/var/run/elkeid-agent.pid"
+    # Plugin supervision knobs set by the user (plugins.policy.Policy field
+    # -> value); unset ones keep the Policy defaults (seeds/003).
+    plugin_policy: Dict[str, object] = field(default_factory=dict)
     # Bad lines seen in specified_env: (line number, reason). Reported, never fatal.
     env_file_problems: List[Tuple[int, str]] = field(default_factory=list)
 
@@ -224,6 +227,33 @@ _SCALARS = {
 }
 
 
+def _delays(value):
+    """``0,10,30,60``: restart delays in seconds, the last one repeating."""
+    parts = [p.strip() for p in value.split(",")]
+    if not 1 <= len(parts) <= 32 or "" in parts:
+        raise ConfigError("plugin backoff must be 1-32 comma-separated delays, got %r" % value)
+    return tuple(_number(p, "plugin backoff delay", float, 0, 86400) for p in parts)
+
+
+# Plugin supervision: Policy field -> (environment names; parser). The
+# environment speaks the units people think in (percent, MiB).
+_PLUGIN_POLICY = {
+    "backoff": (("ELKEID_PLUGIN_BACKOFF",), _delays),
+    "healthy_reset": (("ELKEID_PLUGIN_HEALTHY_RESET",),
+                      lambda v: _number(v, "plugin healthy reset", float, 1, 86400)),
+    "max_failures": (("ELKEID_PLUGIN_MAX_FAILURES",),
+                     lambda v: _number(v, "plugin max failures", int, 1, 1000000)),
+    "cpu_limit": (("ELKEID_PLUGIN_CPU_LIMIT_PERCENT",),
+                  lambda v: _number(v, "plugin CPU limit percent", float, 0, 102400) / 100),
+    "rss_limit": (("ELKEID_PLUGIN_RSS_LIMIT_MB",),
+                  lambda v: _number(v, "plugin RSS limit MB", int, 0, 1 << 20) * 1024 * 1024),
+    "limit_window": (("ELKEID_PLUGIN_LIMIT_WINDOW",),
+                     lambda v: _number(v, "plugin limit window", float, 1, 86400)),
+    "stop_timeout": (("ELKEID_PLUGIN_STOP_TIMEOUT",),
+                     lambda v: _number(v, "plugin stop timeout", float, 0.1, 3600)),
+}
+
+
 def load(cli=None, environ=None, workdir=None):
     """Build Settings from CLI values (a dict of attribute -> value, None for
     unset), the environment and specified_env. Raises ConfigError with a
@@ -255,6 +285,15 @@ def load(cli=None, environ=None, workdir=None):
             setattr(s, attr, parse(value))
         except ConfigError as e:
             raise ConfigError("%s (from %s %s)" % (e, source, name)) from None
+
+    for attr, (names, parse) in _PLUGIN_POLICY.items():
+        found = lookup(names)
+        if found:
+            source, name, value = found
+            try:
+                s.plugin_policy[attr] = parse(value)
+            except ConfigError as e:
+                raise ConfigError("%s (from %s %s)" % (e, source, name)) from None
 
     s.regions = _regions(cli, environ, file_values)
     if s.region not in s.regions:
@@ -330,6 +369,8 @@ def public_view(s):
         "service_type": s.service_type, "server_name": s.server_name,
         "compression": s.compression, "heartbeat_interval": s.heartbeat_interval,
         "regions": {r: e.__dict__ for r, e in s.regions.items()},
+        "plugin_policy": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in s.plugin_policy.items()},
     }
 
 

@@ -168,3 +168,16 @@ def test_a_killed_agent_leaves_no_plugin_behind(devcenter, start_agent, server):
         for p in (pid, child):
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_supervision_settings_from_the_environment_reach_the_plugins(devcenter, start_agent,
+                                                                      server):
+    # Two failures in a row are fatal here (default 10), with no delay between.
+    start_agent("e2e-policy", env={"ELKEID_PLUGIN_MAX_FAILURES": "2",
+                                   "ELKEID_PLUGIN_BACKOFF": "0"})
+    devcenter.wait_agent("e2e-policy")
+    send(devcenter, "e2e-policy", [plugin_config(server, "crash", "exit_at_once.py")])
+    hb = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "crash"
+                                and r["fields"].get("state") == "fatal",
+                                agent_id="e2e-policy")[-1]
+    assert int(hb["fields"]["restarts"]) == 1

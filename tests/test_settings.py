@@ -56,6 +56,11 @@ def test_regions(tmp_path):
     ({}, {"service_type": "upstart"}, "service_type must be one of"),
     ({}, {"ELKEID_SERVER_EU": "bad value"}, "ELKEID_SERVER_EU must be HOST:PORT"),
     ({"agent_id": "a b"}, {}, "bad agent id"),
+    ({}, {"ELKEID_PLUGIN_BACKOFF": "0,,10"}, "plugin backoff must be 1-32"),
+    ({}, {"ELKEID_PLUGIN_BACKOFF": "0,-1"}, "from environment ELKEID_PLUGIN_BACKOFF"),
+    ({}, {"ELKEID_PLUGIN_MAX_FAILURES": "0"}, "plugin max failures must be between"),
+    ({}, {"ELKEID_PLUGIN_CPU_LIMIT_PERCENT": "half"}, "plugin CPU limit percent must be a number"),
+    ({}, {"ELKEID_PLUGIN_RSS_LIMIT_MB": "1.5"}, "plugin RSS limit MB must be a number"),
 ])
 def test_bad_values_name_the_setting(tmp_path, cli, env, needle):
     with pytest.raises(ConfigError) as e:
@@ -95,3 +100,22 @@ def test_write_env_file_roundtrip(tmp_path):
     assert oct(os.stat(tmp_path / "specified_env").st_mode & 0o777) == "0o600"
     with pytest.raises(ConfigError):
         S.write_env_file(str(tmp_path), {"specified_idc": "a\nb"})
+
+
+def test_plugin_policy_settings_reach_the_supervisor_policy(tmp_path):
+    from elkeid_agent.plugins.policy import Policy
+    write_env(tmp_path, "ELKEID_PLUGIN_BACKOFF=0,5\nELKEID_PLUGIN_RSS_LIMIT_MB=300\n"
+                        "ELKEID_PLUGIN_CPU_LIMIT_PERCENT=25\n")
+    s = S.load({}, {"ELKEID_PLUGIN_MAX_FAILURES": "3", "ELKEID_PLUGIN_LIMIT_WINDOW": "30",
+                    "ELKEID_PLUGIN_HEALTHY_RESET": "120", "ELKEID_PLUGIN_STOP_TIMEOUT": "2.5",
+                    "ELKEID_PLUGIN_CPU_LIMIT_PERCENT": "150"}, workdir=str(tmp_path))
+    policy = Policy.from_overrides(**s.plugin_policy)
+    assert policy.backoff == (0.0, 5.0)
+    assert policy.rss_limit == 300 * 1024 * 1024
+    assert policy.cpu_limit == 1.5          # environment beats specified_env
+    assert (policy.max_failures, policy.limit_window) == (3, 30.0)
+    assert (policy.healthy_reset, policy.stop_timeout) == (120.0, 2.5)
+    assert S.public_view(s)["plugin_policy"]["backoff"] == [0.0, 5.0]
+    # Unset knobs keep the seeds/003 defaults.
+    assert Policy.from_overrides(**S.load({}, {}, workdir=str(tmp_path / "x")).plugin_policy) \
+        == Policy()
