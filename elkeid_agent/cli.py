@@ -51,6 +51,11 @@ def main(argv=None):
         _run_parser().print_help(sys.stderr)
         return EXIT_USAGE
     cli = {k: v for k, v in vars(args).items() if k != "command"}
+    # The agent never forks to keep running (plugins start with posix_spawn),
+    # so gRPC's fork handlers can only hurt: their child side aborts when a
+    # stream is busy, and recent grpcio enables them by default. Read once,
+    # when grpc is imported; a user's explicit setting wins.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     from . import settings
     from .app import run_agent
     try:

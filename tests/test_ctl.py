@@ -763,3 +763,16 @@ def test_cli_dispatches_ctl_by_argv0_and_subcommand(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["elkeid-agent.pyz", "ctl", "stop"])
     assert cli.main() == 0
     assert seen == [["status"], ["stop"]]
+
+
+def test_run_turns_grpc_fork_handlers_off_unless_the_user_chose(tmp_path, monkeypatch):
+    from elkeid_agent import app, cli
+    seen = []
+    monkeypatch.setattr(app, "run_agent",
+                        lambda s: seen.append(os.environ.get("GRPC_ENABLE_FORK_SUPPORT")) or 0)
+    monkeypatch.delenv("GRPC_ENABLE_FORK_SUPPORT", raising=False)
+    monkeypatch.setattr("sys.argv", ["elkeid-agent"])
+    assert cli.main(["run", "--workdir", str(tmp_path)]) == 0
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "1")
+    assert cli.main(["run", "--workdir", str(tmp_path)]) == 0
+    assert seen == ["0", "1"]
