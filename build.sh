@@ -103,7 +103,10 @@ case "$cmd" in
         ;;
     bench)
         venv
-        exec "$VENV/bin/python" -m elkeid_agent.bench "$@"
+        say "agent queue -> devcenter (arguments go here: --records --repeat --idle-seconds ...)"
+        "$VENV/bin/python" -m elkeid_agent.bench "$@"
+        say "plugins -> agent -> devcenter"
+        exec "$VENV/bin/python" -m elkeid_agent.plugins.bench --e2e --plugins 1 4
         ;;
     zipapp)
         venv

@@ -518,6 +518,17 @@ def test_sysvinit_stop_never_signals_itself_or_its_parents(fx):
     assert not signalled & {7500, 4000, CTL_PID, 1}
 
 
+def test_sysvinit_stop_sweeps_plugins_of_a_crashed_agent(fx):
+    pid = running_agent(fx)
+    fx.procs[pid].alive = False              # killed -9: no pid-file holder any more
+    fx.locks.clear()
+    r = run(fx, "stop")
+    assert r.code == 0, r
+    sigs = fx.signals()
+    assert (pid + 1, signal.SIGTERM) in sigs and not fx.alive(pid + 1)
+    assert all(p not in (0, -1, pid) for p, _sig in sigs)
+
+
 def test_sysvinit_stop_when_not_running(fx):
     sysv(fx)
     r = run(fx, "stop")

@@ -178,3 +178,25 @@ def test_two_real_checks_at_once(tmp_path):
     assert ("another elkeidctl (pid %d) holds /var/run/elkeidctl.pid" % os.getpid()).encode() \
         in p.stderr
     assert b"Traceback" not in p.stderr
+
+
+def test_signals_never_reach_our_group_or_every_process(fx):
+    from elkeid_agent.osfx.process import ProcessEffects
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            fx.kill(bad, 0)
+        with pytest.raises(ValueError):
+            ProcessEffects().kill(bad, 0)
+    for pgid in (0, 1):
+        with pytest.raises(ValueError):
+            ProcessEffects().kill_group(pgid, 0)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             start_new_session=True)
+    try:
+        assert ProcessEffects().kill_group(child.pid, 0) is True
+        assert fx.kill(child.pid, signal.SIGKILL) is True
+        child.wait(10)
+        assert fx.kill(child.pid, 0) is False and ProcessEffects().kill_group(child.pid, 0) is False
+    finally:
+        if child.poll() is None:
+            child.kill()

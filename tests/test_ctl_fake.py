@@ -125,6 +125,8 @@ class FakeFx(ServiceEffects):
         return p.exe if what == "exe" else p.cwd
 
     def kill(self, pid, sig):
+        if pid in (0, -1):  # as osfx.signal_process: never our group, never everything
+            raise ValueError("refusing to signal pid %d" % pid)
         self.calls.append(("kill", pid, sig))
         targets = ([p for p in self.procs.values() if p.pgid == -pid and p.alive] if pid < 0
                    else [self.procs[pid]] if pid in self.procs and self.procs[pid].alive else [])

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 

@@ -67,8 +67,13 @@ def stop(fx, cgroup, agent_pid, say):
     if not pids:
         return []
     start = fx.monotonic()
-    fx.kill(agent_pid, signal.SIGTERM)
     agent_gone_at = None
+    if agent_pid > 1:
+        fx.kill(agent_pid, signal.SIGTERM)
+    else:
+        # No agent (0: sweeping leftovers of a crashed one). kill(0) would hit
+        # our own process group - the shell, cron or dpkg that ran us.
+        agent_gone_at = start - ORPHAN_GRACE
     orphans_termed = False
     next_note = start + 5.0
     while True:

@@ -23,6 +23,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..httpd import check_loopback
 from ..metrics import Registry
 from ..pb import grpc_pb2
 from . import certs as certs_mod
@@ -83,13 +84,8 @@ def parse_address(text):
         raise ValueError("address must be HOST:PORT, got %r" % text)
     if host == "localhost":
         host = "127.0.0.1"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError("host must be a loopback IP address, got %r" % host) from None
-    if not ip.is_loopback:
-        raise ValueError("devcenter listens on loopback only (127.0.0.1 or ::1), got %r" % host)
-    return str(ip), int(port)
+    check_loopback(host)
+    return str(ipaddress.ip_address(host)), int(port)
 
 
 def format_address(host, port):

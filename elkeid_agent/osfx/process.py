@@ -44,6 +44,8 @@ import sys
 import threading
 from collections import namedtuple
 
+from . import signal_process
+
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 
@@ -199,20 +201,11 @@ class ProcessEffects:
 
     def kill_group(self, pgid, sig):
         """Signal a process group; False if it no longer exists."""
-        try:
-            os.killpg(pgid, sig)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return False
+        if pgid <= 1:
+            raise ValueError("refusing to signal process group %d" % pgid)
+        return signal_process(-pgid, sig)
 
-    def kill(self, pid, sig):
-        try:
-            os.kill(pid, sig)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+    kill = staticmethod(signal_process)
 
     # ------------------------------------------------------------ /proc
 

@@ -18,6 +18,8 @@ import subprocess
 import time
 from collections import namedtuple
 
+from . import signal_process
+
 # What a command run through the seam produced. ``output`` is stdout+stderr
 # when captured, "" when the command wrote straight to the terminal.
 Completed = namedtuple("Completed", "rc output")
@@ -221,13 +223,7 @@ class ServiceEffects:
         state = stat_state(raw) if raw else None
         return state not in ("Z", "X")
 
-    def kill(self, pid, sig):
-        """Signal a process (pid > 0) or a process group (pid < 0)."""
-        try:
-            os.kill(pid, sig)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+    kill = staticmethod(signal_process)
 
     def spawn(self, argv, cwd, env, cgroup_procs=()):
         """Start ``argv`` detached (own session, stdio on /dev/null). Returns

@@ -40,6 +40,21 @@ from .supervisor import PluginSupervisor
 LOAD_TYPE = 9002
 
 
+def _install_load_plugins(workdir, plugins, rate, record_size, interpreter):
+    """Put ``plugins`` sample plugins in load mode into ``workdir``; returns
+    their configs (dicts with Config's fields, as the command API takes them)."""
+    from ..sample_plugin import build
+    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
+                         "load": {"records_per_sec": rate, "record_size": record_size}})
+    configs = []
+    for i in range(plugins):
+        name = "load%d" % i
+        sha = build.install(workdir, name, interpreter or sys.executable)
+        configs.append({"name": name, "type": "exe", "version": "1", "sha256": sha,
+                        "signature": sha, "download_url": [], "detail": detail})
+    return configs
+
+
 def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -49,20 +64,14 @@ async def measure(plugins=1, seconds=5.0, record_size=200, rate=-1, warmup=1.0,
                   interpreter=None, workdir=None):
     """Run ``plugins`` sample plugins at ``rate`` records/s each (-1: as fast
     as they can) and measure for ``seconds`` after ``warmup``."""
-    from ..sample_plugin import build
-
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="elkeid-plugin-bench-")
     metrics = Registry()
     queue = RecordQueue(64 * 1024 * 1024, metrics)
     sup = PluginSupervisor(workdir, queue, metrics, AgentState())
-    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
-                         "load": {"records_per_sec": rate, "record_size": record_size}})
-    configs = []
-    for i in range(plugins):
-        name = "load%d" % i
-        sha = build.install(workdir, name, interpreter or sys.executable)
-        configs.append(grpc_pb2.Config(name=name, version="1", sha256=sha, detail=detail))
+    # The command API's JSON says download_url; the proto field is download_urls.
+    configs = [grpc_pb2.Config(download_urls=c.pop("download_url"), **c) for c in
+               _install_load_plugins(workdir, plugins, rate, record_size, interpreter)]
     taken = [0, 0]  # records, bytes
 
     async def consume():
@@ -120,7 +129,6 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
                   interpreter=None, base=None, compression=None):
     """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter."""
     from ..devtools import AgentProc, DevCenterProc, wait_until
-    from ..sample_plugin import build
 
     own = base is None
     base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-plugin-e2e-"))
@@ -136,14 +144,7 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
         agent = AgentProc(workdir, args)
         wait_until(lambda: any(a.get("agent_id") == agent_id for a in dc.agents()), 60, 0.2,
                    "agent to connect")
-        detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
-                             "load": {"records_per_sec": rate, "record_size": record_size}})
-        configs = []
-        for i in range(plugins):
-            name = "load%d" % i
-            sha = build.install(workdir, name, interpreter or sys.executable)
-            configs.append({"name": name, "type": "exe", "version": "1", "sha256": sha,
-                            "signature": sha, "download_url": [], "detail": detail})
+        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter)
         status, body = dc.command(agent_id, {"config": configs})
         if status != 200:
             raise RuntimeError("command refused: %r" % (body,))

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import sys
-import threading
 import time
 
 from elkeid_agent import wire

@@ -1,0 +1,40 @@
+"""The benchmark commands run as users run them and count what they move.
+They print numbers; nothing here judges speed, only that the tools work and
+that every record sent was accounted for."""
+
+import re
+import subprocess
+import sys
+
+from elkeid_agent.devtools import ROOT, _env
+
+
+def run(*args, timeout=300):
+    out = subprocess.run([sys.executable, "-m"] + list(args), cwd=ROOT, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    text = out.stdout.decode("utf-8", "replace")
+    assert out.returncode == 0, text
+    return text
+
+
+def test_agent_push_bench(tmp_path):
+    text = run("elkeid_agent.bench", "--records", "3000", "--repeat", "1", "--skip-idle",
+               "--dir", str(tmp_path))
+    rows = dict((m.group(1), m.groups()[1:]) for m in re.finditer(
+        r"^(none|gzip)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)$", text, re.M))
+    assert set(rows) == {"none", "gzip"}, text
+    for rate, cpu, messages, dropped in rows.values():
+        assert float(rate) > 0 and float(cpu) > 0 and int(messages) >= 1 and dropped == "0"
+    assert "ratio gzip/none: rate" in text
+
+
+def test_plugin_benches_in_process_and_through_the_agent(tmp_path):
+    text = run("elkeid_agent.plugins.bench", "--plugins", "1", "--seconds", "1",
+               "--rate", "2000")
+    m = re.search(r"^1\s+(\d+)\s+[\d.]+\s+[\d.]+\s+\d+%\s+[\d.]+MB\s+\d+%\s+(\d+)$", text, re.M)
+    assert m and int(m.group(1)) > 0 and m.group(2) == "0", text
+    assert "check_record (used)" in text
+    text = run("elkeid_agent.plugins.bench", "--e2e", "--plugins", "1", "--seconds", "1",
+               "--rate", "2000", "--dir", str(tmp_path))
+    m = re.search(r"^1\s+(\d+)\s+[\d.]+\s+\d+%\s+[\d.]+MB\s*$", text, re.M)
+    assert m and int(m.group(1)) > 0, text
