@@ -5,10 +5,14 @@ encodes the few messages the agent builds itself (Record, the PackagedData
 header, Task frames) and validates bytes it forwards, without generated
 classes: those cost 2-7 us per record, a splice costs well under 1 us.
 
-Byte-exactness: every encoder here produces exactly what the protobuf library
-produces with ``SerializeToString(deterministic=True)`` (fields in number
-order, map keys sorted, proto3 zero values omitted). tests/test_wire.py
-checks that with hypothesis.
+Byte-exactness: fields in number order, proto3 zero values omitted, map
+keys in byte-wise lexicographic order (what Go's deterministic marshalling
+emits). For messages without maps, and maps of one entry, that is exactly
+what the Python protobuf library produces; with several map entries the
+runtimes disagree on order (upb's deterministic mode puts "ab" before "a";
+its default mode keeps insertion order), so tests/test_wire.py checks with
+hypothesis that the library parses our bytes to the same content, with the
+same length.
 
 Wire facts relied on (PROTOCOL.md section 1): a serialized ``Record`` is also
 a valid serialized ``EncodedRecord`` because field 3 is length-delimited in

@@ -26,7 +26,8 @@ def test_record_bytes_identical_to_protobuf(dt, ts, fields):
 
 @given(int32s, int64s, st.dictionaries(texts, texts, max_size=12))
 def test_record_parses_identically(dt, ts, fields):
-    # Map order differs between runtimes (Go sorts keys, upb does not), so
+    # Map order differs between runtimes (Go sorts keys byte-wise, upb keeps
+    # insertion order, or puts "ab" before "a" when deterministic), so
     # compare what the library decodes from our bytes.
     ours = wire.encode_record(dt, ts, fields)
     parsed = pb.Record.FromString(ours)
