@@ -28,7 +28,7 @@ def _read_pid(fd):
     if not first.isdigit():
         return None
     pid = int(first)
-    return pid if pid > 0 else None
+    return pid if pid > 1 else None  # 1 is init: never ours to signal
 
 
 # elkeidctl's read_holder() probes with a momentary shared lock; a start

@@ -122,10 +122,12 @@ def test_unusable_paths_are_local_faults(tmp_path):
     assert read_holder(str(tmp_path)) is None  # a directory is not a pid file
 
 
-def test_held_lock_with_garbage_content_reads_as_no_pid(tmp_path):
+@pytest.mark.parametrize("content", ["not a pid\n", "0\n", "1\n", "-5\n"])
+def test_held_lock_with_garbage_content_reads_as_no_pid(tmp_path, content):
+    # 0 and 1 would make elkeidctl signal its own group or init.
     import fcntl
     path = tmp_path / "elkeid-agent.pid"
-    path.write_text("not a pid\n")
+    path.write_text(content)
     fd = os.open(str(path), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
