@@ -57,8 +57,7 @@ def test_plugin_process_layout(tmp_path, monkeypatch, use_pidfd):
 
     async def main():
         rig = Rig(tmp_path, use_pidfd=use_pidfd)
-        sha = install(rig.workdir, "probe", "sdk_probe.py")
-        assert await rig.sup.sync([config("probe", sha=sha, detail='{"k": "v"}')]) == []
+        assert await rig.deploy("probe", "sdk_probe.py", detail='{"k": "v"}') == []
         info = await started(rig, "probe")
         pid = int(info["pid"])
         pdir = rig.plugin_dir("probe")
@@ -125,8 +124,7 @@ def test_sdk_frames_arrive_as_the_same_record_bytes(tmp_path):
 def test_tasks_reach_the_plugin_and_bad_routes_are_refused(tmp_path):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "probe", "sdk_probe.py")
-        await rig.sup.sync([config("probe", sha=sha)])
+        await rig.deploy("probe", "sdk_probe.py")
         await started(rig, "probe")
         rig.sup.send_task(task("probe", data='{"x": 1}', token="t-1", data_type=9011))
         echo = await rig.wait_record(lambda f: f["token"] == "t-1", data_type=7003)
@@ -180,8 +178,7 @@ def test_plugin_that_never_reads_tasks(tmp_path):
 def test_plugin_that_closed_its_task_pipe(tmp_path):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "closer", "closes_tasks.py")
-        await rig.sup.sync([config("closer", sha=sha)])
+        await rig.deploy("closer", "closes_tasks.py")
         await rig.wait_record(lambda f: True, data_type=7000)
         await asyncio.sleep(0.2)  # the transport notices the closed read end by itself
         with pytest.raises(ServerFault) as info:
@@ -278,8 +275,7 @@ def test_download_verify_and_run(tmp_path):
 def test_failed_download_of_a_new_version_keeps_the_old_one_running(tmp_path):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "probe", "sdk_probe.py")
-        await rig.sup.sync([config("probe", "1", sha=sha)])
+        await rig.deploy("probe", "sdk_probe.py")
         pid = int((await started(rig, "probe"))["pid"])
         failures = await rig.sup.sync([config("probe", "2", sha="ab" * 32,
                                               urls=["http://127.0.0.1:9/nothing"])])
@@ -400,8 +396,7 @@ def test_bad_frames_restart_the_plugin_and_nothing_after_them_is_kept(tmp_path, 
                                                                       why):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "bad", fixture)
-        await rig.sup.sync([config("bad", sha=sha)])
+        await rig.deploy("bad", fixture)
         good = bad - 1
         first = await rig.wait_record(lambda f: True, data_type=good)
         # Restarted: a second run says "before" again with a new pid.
@@ -419,8 +414,7 @@ def test_bad_frames_restart_the_plugin_and_nothing_after_them_is_kept(tmp_path, 
 def test_truncated_frame_then_exit(tmp_path):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "trunc", "truncated.py")
-        await rig.sup.sync([config("trunc", sha=sha)])
+        await rig.deploy("trunc", "truncated.py")
         first = await rig.wait_record(lambda f: True, data_type=7200)
         await rig.wait_record(lambda f: f["pid"] != first["pid"], data_type=7200)
         assert rig.status("trunc")["last_error"] == (
@@ -503,8 +497,7 @@ def test_ingest_rate_cap_pauses_instead_of_dropping(tmp_path):
 def test_cpu_limit_restarts_the_plugin(tmp_path):
     async def main():
         rig = Rig(tmp_path, cpu_limit=0.3, limit_window=1.0, sample_interval=0.2)
-        sha = install(rig.workdir, "spin", "spin_cpu.py")
-        await rig.sup.sync([config("spin", sha=sha)])
+        await rig.deploy("spin", "spin_cpu.py")
         first = await rig.wait_record(lambda f: True, data_type=7000)
         await rig.wait_record(lambda f: f["pid"] != first["pid"], data_type=7000)
         assert rig.status("spin")["last_error"].startswith("resource limit: cpu ")
@@ -519,8 +512,7 @@ def test_rss_limit_restarts_the_plugin(tmp_path):
     async def main():
         rig = Rig(tmp_path, rss_limit=40 * 1024 * 1024, cpu_limit=0, limit_window=0.5,
                   sample_interval=0.1)
-        sha = install(rig.workdir, "hog", "hog_memory.py")
-        await rig.sup.sync([config("hog", sha=sha, detail="80")])
+        await rig.deploy("hog", "hog_memory.py", detail="80")
         first = await rig.wait_record(lambda f: True, data_type=7000)
         await rig.wait_record(lambda f: f["pid"] != first["pid"], data_type=7000)
         assert rig.status("hog")["last_error"].startswith("resource limit: rss ")
@@ -534,8 +526,7 @@ def test_plugin_ignoring_sigterm_and_closed_pipes_is_killed(tmp_path, caplog):
 
     async def main():
         rig = Rig(tmp_path, stop_timeout=1.0)
-        sha = install(rig.workdir, "stubborn", "ignore_term.py")
-        await rig.sup.sync([config("stubborn", sha=sha)])
+        await rig.deploy("stubborn", "ignore_term.py")
         pid = int((await rig.wait_record(lambda f: True, data_type=7000))["pid"])
         assert await rig.sup.sync([]) == []
         assert not alive(pid) and group_alive(pid) == []
@@ -549,8 +540,7 @@ def test_plugin_ignoring_sigterm_and_closed_pipes_is_killed(tmp_path, caplog):
 def test_grandchildren_die_with_their_plugin(tmp_path, use_pidfd):
     async def main():
         rig = Rig(tmp_path, use_pidfd=use_pidfd)
-        sha = install(rig.workdir, "gc", "grandchild.py")
-        await rig.sup.sync([config("gc", sha=sha)])
+        await rig.deploy("gc", "grandchild.py")
         info = await rig.wait_record(lambda f: True, data_type=7000)
         pid, child = int(info["pid"]), int(info["grandchild"])
         assert alive(child)
@@ -565,8 +555,7 @@ def test_grandchildren_die_with_their_plugin(tmp_path, use_pidfd):
 def test_plugin_exiting_while_its_grandchild_holds_the_pipe(tmp_path):
     async def main():
         rig = Rig(tmp_path)
-        sha = install(rig.workdir, "gc", "grandchild.py")
-        await rig.sup.sync([config("gc", sha=sha, detail="exit")])
+        await rig.deploy("gc", "grandchild.py", detail="exit")
         first = await rig.wait_record(lambda f: True, data_type=7000)
         second = await rig.wait_record(lambda f: f["pid"] != first["pid"], data_type=7000)
         await assert_gone(int(first["pid"]), int(first["grandchild"]))
@@ -641,8 +630,7 @@ def test_stderr_is_kept_bounded(tmp_path, caplog):
 
     async def main():
         rig = Rig(tmp_path, stderr_max_bytes=200 * 1024, du_interval=0.2, sample_interval=0.1)
-        sha = install(rig.workdir, "chatty", "chatty_stderr.py")
-        await rig.sup.sync([config("chatty", sha=sha)])
+        await rig.deploy("chatty", "chatty_stderr.py")
         await rig.wait_record(lambda f: True, data_type=7000)
         path = os.path.join(rig.plugin_dir("chatty"), "chatty.stderr")
         await wait_until(lambda: sum("was truncated" in r.getMessage()
@@ -716,8 +704,7 @@ def test_shutdown_stops_everything_and_refuses_later_syncs(tmp_path):
 def test_removing_a_plugin_in_backoff_or_fatal(tmp_path):
     async def main():
         rig = Rig(tmp_path, backoff=(30.0,), max_failures=5)
-        sha = install(rig.workdir, "crash", "exit_at_once.py")
-        await rig.sup.sync([config("crash", sha=sha)])
+        await rig.deploy("crash", "exit_at_once.py")
         await wait_until(lambda: rig.status("crash")["state"] == BACKOFF, what="backoff")
         assert rig.state.reasons()
         await rig.sup.sync([])

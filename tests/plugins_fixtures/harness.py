@@ -104,6 +104,12 @@ class Rig:
                                      % (timeout, self.state.reasons(), self.sup.status()))
             await asyncio.sleep(0.05)
 
+    async def deploy(self, name, fixture, version="1", **config_fields):
+        """Install ``fixture`` as plugin ``name`` and sync a config list of
+        just it; returns what sync() returned (the refusals)."""
+        sha = install(self.workdir, name, fixture)
+        return await self.sup.sync([config(name, version, sha=sha, **config_fields)])
+
     def plugin_dir(self, name):
         return os.path.join(self.workdir, "plugin", name)
 
