@@ -273,27 +273,24 @@ def load(cli=None, environ=None, workdir=None):
                     return source, name, value
         return None
 
-    for attr, (names, parse) in _SCALARS.items():
-        if attr in cli:
-            source, name, value = "command line", "--" + attr.replace("_", "-"), str(cli[attr])
-        else:
-            found = lookup(names)
-            if not found:
-                continue
-            source, name, value = found
-        try:
-            setattr(s, attr, parse(value))
-        except ConfigError as e:
-            raise ConfigError("%s (from %s %s)" % (e, source, name)) from None
-
-    for attr, (names, parse) in _PLUGIN_POLICY.items():
-        found = lookup(names)
-        if found:
-            source, name, value = found
+    def resolved(table):
+        """(attribute, parsed value) for each setting of ``table`` that is set."""
+        for attr, (names, parse) in table.items():
+            if attr in cli:
+                source, name, value = "command line", "--" + attr.replace("_", "-"), str(cli[attr])
+            else:
+                found = lookup(names)
+                if not found:
+                    continue
+                source, name, value = found
             try:
-                s.plugin_policy[attr] = parse(value)
+                yield attr, parse(value)
             except ConfigError as e:
                 raise ConfigError("%s (from %s %s)" % (e, source, name)) from None
+
+    for attr, value in resolved(_SCALARS):
+        setattr(s, attr, value)
+    s.plugin_policy = dict(resolved(_PLUGIN_POLICY))
 
     s.regions = _regions(cli, environ, file_values)
     if s.region not in s.regions:
