@@ -113,7 +113,7 @@ def main(argv=None):
             deploy_sample(dc, agent_id, files, base, args.heartbeat_interval)
         print("records as AgentCenter stores them; Ctrl-C to stop\n")
         print("%-8s %-5s %-7s %s" % ("time", "type", "from", "details"))
-        last_id, counts, echoed, health_shown = 0, {}, False, False
+        last_id, counts, echoed = 0, {}, False
         deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
         while not stop and agent.alive and (deadline is None or time.monotonic() < deadline):
             for r in dc.records(after=last_id, limit=1000):
@@ -124,12 +124,11 @@ def main(argv=None):
                 source, details = _describe(r)
                 print("%-8s %-5d %-7s %s" % (time.strftime("%H:%M:%S", time.localtime(
                     r["timestamp"])), r["data_type"], source, details))
-                if r["data_type"] == SAMPLE_HEARTBEAT and not health_shown:
-                    health_shown = True
+                if r["data_type"] == SAMPLE_HEARTBEAT and not echoed:
+                    # The plugin is up: show its HTTP endpoint, then task it.
+                    echoed = True
                     print("%8s the sample plugin's GET /health: %s" % (
                         "", _health(r["fields"].get("http_port"))))
-                if r["data_type"] == SAMPLE_HEARTBEAT and not echoed:
-                    echoed = True
                     dc.command(agent_id, {"task": {"name": "sample", "data_type": TASK_ECHO,
                                                    "data": "hello from the demo",
                                                    "token": "demo-echo"}})
