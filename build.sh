@@ -99,14 +99,14 @@ case "$cmd" in
         ;;
     demo)
         venv
-        exec "$VENV/bin/python" -m elkeid_agent.demo "$@"
+        exec "$VENV/bin/python" -m elkeid_devtools.demo "$@"
         ;;
     bench)
         venv
         say "agent queue -> devcenter (arguments go here: --records --repeat --idle-seconds ...)"
-        "$VENV/bin/python" -m elkeid_agent.bench "$@"
+        "$VENV/bin/python" -m elkeid_devtools.bench "$@"
         say "plugins -> agent -> devcenter"
-        exec "$VENV/bin/python" -m elkeid_agent.plugins.bench --e2e --plugins 1 4
+        exec "$VENV/bin/python" -m elkeid_devtools.plugin_bench --e2e --plugins 1 4
         ;;
     zipapp)
         venv

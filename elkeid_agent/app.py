@@ -19,15 +19,20 @@ import signal
 import sys
 import time
 
-from . import PRODUCT, __version__, hostinfo, identity, logs, sdnotify, wire
-from .agent_tasks import AgentTasks
-from .commands import Dispatcher
+from . import PRODUCT, __version__, wire
+from .host import hostinfo, identity
+from .runtime import logs, sdnotify
+from .control.agent_tasks import AgentTasks
+from .control.commands import Dispatcher
+from .control.configs import ConfigsHandler
 from .errors import AgentError, LocalFault
-from .heartbeat import Heartbeat
+from .host.heartbeat import Heartbeat
 from .metrics import Registry
-from .queue import HIGH, RecordQueue
+from .buffer.queue import HIGH, RecordQueue
+from .runtime.executors import Executors
+from .runtime.tasks import TaskOwner
 from .state import AgentState
-from .transport import Transport
+from .transport.stream import Transport
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,11 @@ class Agent:
         self.pidlock = None
         self._stop = None
         self._stop_reason = ""
-        self._timers = []
+        # Owns every long-lived task: a crash is logged, counted, marked
+        # abnormal and restarted instead of silently ending the task.
+        self.owner = TaskOwner(self.metrics, self.state)
+        # Blocking work, in a bounded pool per kind (runtime/executors.py).
+        self.executors = Executors(self.metrics)
         self.started_at = time.time()
 
     # ------------------------------------------------------------ start-up
@@ -118,7 +127,7 @@ class Agent:
             log.error("specified_env line %d ignored: %s", lineno, problem)
             self.metrics.inc("settings_bad_lines")
         if s.service_type == "sysvinit":
-            from .pidlock import PidLock
+            from .runtime.pidlock import PidLock
             self.pidlock = PidLock(s.pidfile)
             self.pidlock.acquire()  # LocalFault: another agent runs; refuse to start
         try:
@@ -131,11 +140,11 @@ class Agent:
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
                  __version__, self.agent_id, s.workdir, s.region)
 
+        self.plugins = self._make_plugin_host()
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
                                    self.metrics)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown)
-        self.plugins = self._make_plugin_host()
         if self.plugins is not None:
             try:
                 # Kills plugin processes a crashed earlier agent left behind.
@@ -145,12 +154,13 @@ class Agent:
                 log.error("plugin supervisor failed to start: %s", e)
         self.heartbeat = Heartbeat(self)
         self._install_signals(loop)
-        self.transport.start()
-        self._timers.append(asyncio.ensure_future(self._heartbeat_loop()))
+        self.owner.spawn("transport", self.transport.run)
+        self.owner.spawn("heartbeat", self._heartbeat_loop)
         sdnotify.ready("connecting")
 
     def _dispatcher(self):
-        return Dispatcher(self.metrics, self.report_failure, self._on_configs,
+        configs = ConfigsHandler(self.state, self.plugins, self.owner)
+        return Dispatcher(self.metrics, self.report_failure, configs,
                           lambda task: self.tasks.handle(task), self._on_plugin_task)
 
     def _make_plugin_host(self):
@@ -162,33 +172,6 @@ class Agent:
                                 **self.settings.plugin_policy)
 
     # ------------------------------------------------------------ commands
-
-    def _on_configs(self, decision):
-        # Elkeid resets the state to running on every configs list.
-        self.state.reset()
-        if decision.agent is not None and decision.agent.version != __version__:
-            self.state.set_abnormal(
-                "update", "agent update to %s requested: self-update is not supported by "
-                          "this build" % decision.agent.version)
-            log.error("agent update %s -> %s refused: self-update not supported yet",
-                      __version__, decision.agent.version)
-        if self.plugins is None:
-            if decision.plugins:
-                names = ", ".join(sorted(c.name for c in decision.plugins))
-                self.state.set_abnormal("plugins", "plugin support unavailable: %s" % names)
-            return
-        fut = asyncio.ensure_future(self.plugins.sync(decision.plugins))
-        fut.add_done_callback(self._sync_done)
-
-    def _sync_done(self, fut):
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            log.error("plugin sync failed: %s", exc)
-            return
-        for name, error in fut.result() or ():
-            log.error("plugin %s: %s", name, error)
 
     def _on_plugin_task(self, task):
         if self.plugins is None:
@@ -237,15 +220,15 @@ class Agent:
         loop.add_signal_handler(signal.SIGUSR2, self._release_memory)
 
     def _toggle_debug(self):
-        from . import debug
+        from .runtime import debug
         if self.debug is None:
             self.debug = debug.DebugEndpoint(
                 self.metrics, port=self.settings.debug_port,
                 addr_file=os.path.join(self.settings.workdir, "tmp", "debug.addr"))
-        asyncio.ensure_future(self.debug.toggle())
+        self.owner.run_once("debug endpoint", self.debug.toggle())
 
     def _release_memory(self):
-        from . import debug
+        from .runtime import debug
         log.info("SIGUSR2: released memory: %s", debug.release_memory())
 
     # ------------------------------------------------------------ shutdown
@@ -256,9 +239,7 @@ class Agent:
     async def shutdown(self):
         log.info("shutting down (%s)", self._stop_reason or "requested")
         sdnotify.stopping()
-        for t in self._timers:
-            t.cancel()
-        await asyncio.gather(*self._timers, return_exceptions=True)
+        await self.owner.cancel("heartbeat")
         if self.plugins is not None:
             try:
                 await self.plugins.shutdown()
@@ -266,6 +247,7 @@ class Agent:
                 log.exception("plugin shutdown failed")
         if self.transport is not None:
             await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
+        await self.owner.close()
         if self.debug is not None:
             await self.debug.close()
         if self.pidlock is not None:
@@ -274,6 +256,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
         logging.getLogger("elkeid_agent").removeHandler(self._remote_log)
+        self.executors.close()
         if self.log_handles is not None:
             self.log_handles.close()
 

@@ -41,9 +41,6 @@ PROTOBUF = ("protobuf", "6.33.6")
 TYPING_EXTENSIONS = ("typing_extensions", "4.16.0")
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-# Left out of the agent package: the development AgentCenter (needs
-# cryptography) and the tools that drive it.
-EXCLUDE_TOP = {"devcenter", "demo.py", "devtools.py", "bench.py", "bench"}
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 
 PREAMBLE = """\
@@ -154,11 +151,8 @@ def stage(arch, wheels, site):
     pkg = os.path.join(ROOT, "elkeid_agent")
     for base, dirs, files in os.walk(pkg):
         rel = os.path.relpath(base, pkg)
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and
-                         not (rel == "." and d in EXCLUDE_TOP))
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
-            if rel == "." and name in EXCLUDE_TOP:
-                continue
             if name.endswith((".pyc", ".pyo", ".so")):
                 continue
             dest = os.path.join(site, "elkeid_agent", rel, name)

@@ -1,3 +1,3 @@
 """Test-side names for the shared process launchers."""
 
-from elkeid_agent.devtools import AgentProc, DevCenterProc, unwrap, wait_until  # noqa: F401
+from elkeid_devtools.launchers import AgentProc, DevCenterProc, unwrap, wait_until  # noqa: F401

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from elkeid_agent import __version__
-from elkeid_agent.heartbeat import AGENT_FIELDS
+from elkeid_agent.host.heartbeat import AGENT_FIELDS
 from elkeid_agent.pb import grpc_pb2 as pb
 from harness import DevCenterProc, unwrap, wait_until
 

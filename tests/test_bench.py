@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from elkeid_agent.devtools import ROOT, _env
+from elkeid_devtools.launchers import ROOT, _env
 
 
 def run(*args, timeout=300):
@@ -18,7 +18,7 @@ def run(*args, timeout=300):
 
 
 def test_agent_push_bench(tmp_path):
-    text = run("elkeid_agent.bench", "--records", "3000", "--repeat", "1", "--skip-idle",
+    text = run("elkeid_devtools.bench", "--records", "3000", "--repeat", "1", "--skip-idle",
                "--dir", str(tmp_path))
     rows = dict((m.group(1), m.groups()[1:]) for m in re.finditer(
         r"^(none|gzip)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)$", text, re.M))
@@ -29,12 +29,12 @@ def test_agent_push_bench(tmp_path):
 
 
 def test_plugin_benches_in_process_and_through_the_agent(tmp_path):
-    text = run("elkeid_agent.plugins.bench", "--plugins", "1", "--seconds", "1",
+    text = run("elkeid_devtools.plugin_bench", "--plugins", "1", "--seconds", "1",
                "--rate", "2000")
     m = re.search(r"^1\s+(\d+)\s+[\d.]+\s+[\d.]+\s+\d+%\s+[\d.]+MB\s+\d+%\s+(\d+)$", text, re.M)
     assert m and int(m.group(1)) > 0 and m.group(2) == "0", text
     assert "check_record (used)" in text
-    text = run("elkeid_agent.plugins.bench", "--e2e", "--plugins", "1", "--seconds", "1",
+    text = run("elkeid_devtools.plugin_bench", "--e2e", "--plugins", "1", "--seconds", "1",
                "--rate", "2000", "--dir", str(tmp_path))
     m = re.search(r"^1\s+(\d+)\s+[\d.]+\s+\d+%\s+[\d.]+MB\s*$", text, re.M)
     assert m and int(m.group(1)) > 0, text

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from elkeid_agent.osfx.service import ServiceEffects, parse_stat, proc_stat_fields, stat_state
-from elkeid_agent.pidlock import PidLock
+from elkeid_agent.runtime.pidlock import PidLock
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_pid_file_lock_is_the_agents(fx, tmp_path):
     path = str(tmp_path / "var/run/elkeid-agent.pid")
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, time\n"
-                               "from elkeid_agent.pidlock import PidLock\n"
+                               "from elkeid_agent.runtime.pidlock import PidLock\n"
                                "PidLock(sys.argv[1]).acquire(); print('held', flush=True)\n"
                                "time.sleep(60)", path], stdout=subprocess.PIPE,
                               env=dict(os.environ, PYTHONPATH=os.getcwd()))

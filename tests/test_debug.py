@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from elkeid_agent import debug
+from elkeid_agent.runtime import debug
 from elkeid_agent.metrics import Registry
 
 

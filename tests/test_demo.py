@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-from elkeid_agent.devtools import ROOT, _env
+from elkeid_devtools.launchers import ROOT, _env
 
 
 def test_demo_deploys_the_sample_plugin_through_the_command_api(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "elkeid_agent.demo", "--dir", str(tmp_path), "--seconds", "8",
+        [sys.executable, "-m", "elkeid_devtools.demo", "--dir", str(tmp_path), "--seconds", "8",
          "--heartbeat-interval", "1"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
     text = out.stdout.decode("utf-8", "replace")
@@ -32,7 +32,7 @@ def test_demo_deploys_the_sample_plugin_through_the_command_api(tmp_path):
 
 def test_demo_rejects_a_bad_interval(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "elkeid_agent.demo", "--dir", str(tmp_path),
+        [sys.executable, "-m", "elkeid_devtools.demo", "--dir", str(tmp_path),
          "--heartbeat-interval", "0"], cwd=ROOT, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     assert out.returncode == 2

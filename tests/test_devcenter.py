@@ -1,4 +1,4 @@
-"""Tests of the development AgentCenter (elkeid_agent.devcenter).
+"""Tests of the development AgentCenter (elkeid_devtools.devcenter).
 
 Each test starts a DevCenter in-process on ephemeral loopback ports and
 talks to it like an agent would: a grpc.aio client with mutual TLS (target
@@ -28,11 +28,11 @@ import pytest
 from cryptography import x509
 
 from elkeid_agent import wire
-from elkeid_agent.devcenter import AgentNotConnected, DevCenter
-from elkeid_agent.devcenter import certs
-from elkeid_agent.devcenter.server import command_from_json, parse_address
-from elkeid_agent.devcenter.store import StoreError, record_spans, safe_name
-from elkeid_agent.devcenter.summary import format_summary
+from elkeid_devtools.devcenter import AgentNotConnected, DevCenter
+from elkeid_devtools.devcenter import certs
+from elkeid_devtools.devcenter.server import command_from_json, parse_address
+from elkeid_devtools.devcenter.store import StoreError, record_spans, safe_name
+from elkeid_devtools.devcenter.summary import format_summary
 from elkeid_agent.pb import grpc_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,7 +277,7 @@ def test_record_spans_match_protobuf_split():
 
 
 def test_store_survives_a_failed_transaction(tmp_path, monkeypatch):
-    from elkeid_agent.devcenter.store import Store
+    from elkeid_devtools.devcenter.store import Store
     committed = threading.Event()
     store = Store(str(tmp_path / "s.db"), str(tmp_path / "up"), on_commit=committed.set)
     store.open()
@@ -625,7 +625,7 @@ def test_http_api_errors(tmp_path):
 
 
 def test_http_command_timeout_and_stream_end_map_to_5xx(tmp_path, monkeypatch):
-    from elkeid_agent.devcenter import httpapi
+    from elkeid_devtools.devcenter import httpapi
     monkeypatch.setattr(httpapi, "LOOP_TIMEOUT", 1.5)
 
     async def main():
@@ -826,7 +826,7 @@ def test_summary_lines():
 def test_cli_subprocess_port_zero_and_sigterm(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "elkeid_agent.devcenter", "--grpc", "127.0.0.1:0",
+        [sys.executable, "-m", "elkeid_devtools.devcenter", "--grpc", "127.0.0.1:0",
          "--http", "127.0.0.1:0", "--certs", str(tmp_path / "certs"),
          "--db", str(tmp_path / "dc.db"), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
@@ -882,12 +882,12 @@ def test_start_fails_cleanly_when_http_port_is_taken(tmp_path):
 
 
 def test_bench_tool_counts_every_record():
-    from elkeid_agent.devcenter import bench
+    from elkeid_devtools.devcenter import bench
     result = bench.run(records=3000, batch=1000, size=200, store="counts", gzip=False)
     assert result["records"] == 3000 and result["message_bytes"] > 200 * 1000
 
 
 def test_cli_refuses_non_loopback(tmp_path):
-    from elkeid_agent.devcenter.__main__ import main
+    from elkeid_devtools.devcenter.__main__ import main
     assert main(["--grpc", "0.0.0.0:0", "--http", "127.0.0.1:0", "--certs",
                  str(tmp_path / "c"), "--db", str(tmp_path / "db"), "--quiet"]) == 2

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from elkeid_agent import commands, endpoints
+from elkeid_agent.control import commands
+from elkeid_agent.transport import endpoints
 from elkeid_agent.errors import ServerFault
 from elkeid_agent.metrics import Registry
 from elkeid_agent.pb import grpc_pb2 as pb

@@ -7,8 +7,8 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from elkeid_agent import hostinfo
-from elkeid_agent.hostinfo import classify
+from elkeid_agent.host import hostinfo
+from elkeid_agent.host.hostinfo import classify
 
 try:
     import psutil

@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from elkeid_agent.httpd import LoopbackHTTPServer
+from elkeid_agent.runtime.httpd import LoopbackHTTPServer
 from elkeid_agent.metrics import Registry
 
 

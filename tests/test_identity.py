@@ -7,7 +7,7 @@ import uuid
 import pytest
 from hypothesis import given, strategies as st
 
-from elkeid_agent import identity
+from elkeid_agent.host import identity
 from elkeid_agent.errors import LocalFault
 
 PRODUCT_UUID = "4c4c4544-0042-3510-8052-b3c04f4e3732"

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from elkeid_agent import logs, wire
+from elkeid_agent.runtime import logs
+from elkeid_agent import wire
 from elkeid_agent.errors import LocalFault
 from elkeid_agent.metrics import Registry
 

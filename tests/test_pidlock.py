@@ -7,13 +7,13 @@ import sys
 import pytest
 
 from elkeid_agent.errors import LocalFault
-from elkeid_agent.pidlock import PidLock, read_holder
+from elkeid_agent.runtime.pidlock import PidLock, read_holder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOLDER = r"""
 import sys
-from elkeid_agent.pidlock import PidLock
+from elkeid_agent.runtime.pidlock import PidLock
 lock = PidLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
@@ -143,7 +143,7 @@ def test_acquire_waits_out_a_momentary_probe(tmp_path):
     # starting at that moment must not mistake it for a rival agent.
     import fcntl
     import threading
-    from elkeid_agent.pidlock import PidLock
+    from elkeid_agent.runtime.pidlock import PidLock
     path = str(tmp_path / "agent.pid")
     open(path, "w").close()
     probe = os.open(path, os.O_RDONLY)

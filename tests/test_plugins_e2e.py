@@ -18,8 +18,8 @@ import tarfile
 import pytest
 
 from elkeid_agent import wire
-from elkeid_agent.devtools import wait_until
-from elkeid_agent.sample_plugin import HEARTBEAT, TASK_ECHO, TASK_RESULT, build
+from elkeid_devtools.launchers import wait_until
+from elkeid_devtools.sample_plugin import HEARTBEAT, TASK_ECHO, TASK_RESULT, build
 from plugins_fixtures.harness import FileServer, alive, script_bytes, sha256
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from elkeid_agent.plugins.policy import (
-    MiB, LimitEvaluator, Policy, RateMeter, RestartPolicy, TokenBucket, describe_exit)
+from elkeid_agent.plugins.policy import (MiB, LimitEvaluator, Policy, RateMeter, RestartPolicy,
+    TokenBucket, describe_exit)
 
 
 def test_defaults_match_the_issue_and_seeds():

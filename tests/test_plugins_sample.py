@@ -18,10 +18,9 @@ import pytest
 
 from elkeid_agent import wire
 from elkeid_agent.pb import grpc_pb2
-from elkeid_agent.sample_plugin import (DEFAULTS, HEARTBEAT, TASK_ECHO, TASK_HEARTBEAT,
-                                        TASK_RELOAD, TASK_RESULT, TASK_SET_LOAD, ConfigError,
-                                        LoadTemplate, load_config, validate)
-from elkeid_agent.sample_plugin import build
+from elkeid_devtools.sample_plugin import (DEFAULTS, HEARTBEAT, TASK_ECHO, TASK_HEARTBEAT,
+    TASK_RELOAD, TASK_RESULT, TASK_SET_LOAD, ConfigError, LoadTemplate, load_config, validate)
+from elkeid_devtools.sample_plugin import build
 from plugins_fixtures.harness import FileServer, Rig, alive, config, wait_until
 
 PY39 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3")))
@@ -105,8 +104,9 @@ def test_build_is_reproducible_and_minimal(tmp_path):
     assert os.stat(a).st_mode & 0o777 == 0o700
     names = zipfile.ZipFile(a).namelist()
     assert sorted(names) == ["__main__.py", "elkeid_agent/__init__.py",
-                             "elkeid_agent/errors.py", "elkeid_agent/sample_plugin/__init__.py",
-                             "elkeid_agent/sdk.py", "elkeid_agent/wire.py"]
+                             "elkeid_agent/errors.py", "elkeid_agent/sdk/__init__.py",
+                             "elkeid_agent/wire.py", "elkeid_devtools/__init__.py",
+                             "elkeid_devtools/sample_plugin/__init__.py"]
     archive, signature = build.tar_gz_bytes("sample", "/usr/bin/python3", {"agent_id": "x"})
     assert (archive, signature) == build.tar_gz_bytes("sample", "/usr/bin/python3",
                                                       {"agent_id": "x"})

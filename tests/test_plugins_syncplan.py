@@ -3,8 +3,8 @@
 import pytest
 
 from elkeid_agent.pb import grpc_pb2
-from elkeid_agent.plugins.syncplan import (
-    KEEP, MAX_NAME_LEN, REJECT, REMOVE, REPLACE, REVIVE, START, PluginSpec, check_name, plan_sync)
+from elkeid_agent.plugins.syncplan import (KEEP, MAX_NAME_LEN, REJECT, REMOVE, REPLACE, REVIVE,
+    START, PluginSpec, check_name, plan_sync)
 
 
 def spec(name, version="1", **kw):

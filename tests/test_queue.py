@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from elkeid_agent.metrics import Registry
-from elkeid_agent.queue import HIGH, NORMAL, RecordQueue
+from elkeid_agent.buffer.queue import HIGH, NORMAL, RecordQueue
 
 
 def rec(i, size=10):
@@ -152,7 +152,7 @@ def test_full_queue_put_cost_does_not_grow_with_queue_length():
         calls[0] += 1
         return real_len(x)
 
-    import elkeid_agent.queue as qmod
+    import elkeid_agent.buffer.queue as qmod
     qmod.len = counting_len
     try:
         for i in range(100):

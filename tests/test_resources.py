@@ -8,8 +8,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from elkeid_agent import resources
-from elkeid_agent.resources import CLK_TCK, PAGE_SIZE
+from elkeid_agent.host import resources
+from elkeid_agent.host.resources import CLK_TCK, PAGE_SIZE
 
 try:
     import psutil
@@ -389,12 +389,13 @@ def test_forced_stdlib_when_psutil_missing(tmp_path, monkeypatch):
 
 def test_module_imports_and_works_without_psutil():
     code = ("import sys; sys.modules['psutil'] = None\n"
-            "from elkeid_agent import resources as r\n"
+            "from elkeid_agent.host import resources as r\n"
             "assert r.psutil is None and r.USE_PSUTIL is False\n"
             "f = r.system_fields(); assert int(f['total_mem']) > 0, f\n"
             "assert r.ProcessSampler(__import__('os').getpid()).sample().rss > 0\n"
             "r.CpuUsageSampler().sample()\n")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(resources.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(resources.__file__)))))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 

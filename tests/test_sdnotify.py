@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from elkeid_agent import sdnotify
+from elkeid_agent.runtime import sdnotify
 
 
 @pytest.fixture

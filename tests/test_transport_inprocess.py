@@ -5,11 +5,11 @@ import asyncio
 import os
 
 from elkeid_agent import wire
-from elkeid_agent.devcenter.server import DevCenter
+from elkeid_devtools.devcenter.server import DevCenter
 from elkeid_agent.metrics import Registry
-from elkeid_agent.queue import RecordQueue
+from elkeid_agent.buffer.queue import RecordQueue
 from elkeid_agent.settings import Endpoints, Settings
-from elkeid_agent.transport import Transport
+from elkeid_agent.transport.stream import Transport
 
 
 def settings_for(dc, workdir, **kw):

@@ -136,7 +136,8 @@ def test_archive_layout_and_metadata(pyz):
     for v in SUPPORTED:
         assert "site-packages/grpc/_cython/cygrpc.cpython-%s-%s-linux-gnu.so" % (
             v.replace(".", ""), ARCH) in names
-    assert not [n for n in names if "devcenter" in n or "cryptography" in n]
+    assert not [n for n in names if "elkeid_devtools" in n or "devcenter" in n
+                or "cryptography" in n or "sample_plugin" in n]
     assert "site-packages/elkeid_agent/ctl/__init__.py" in names
     with open(pyz, "rb") as f:
         assert f.read(10) == b"#!/bin/sh\n"

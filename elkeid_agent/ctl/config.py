@@ -10,7 +10,7 @@ so both always agree on what the file means.
 from .. import settings
 from ..errors import ConfigError
 from .layout import (EXIT_NOT_CONFIGURED, EXIT_PRIVILEGE, EXIT_USAGE, SERVICE_TYPES_HELP,
-                     SPECIFIED_ENV, CtlError)
+    SPECIFIED_ENV, CtlError)
 
 # elkeidctl set/unset flag -> (key written, older spellings removed with it).
 # The Go elkeidctl wrote lower-case viper keys ("specified_id", and before

@@ -14,7 +14,7 @@ import time
 from .. import __version__
 from .cgroups import AgentCgroup
 from .layout import (AGENT_PIDFILE, CRON_FILE, EXIT_NOT_RUNNING, EXIT_OK, INIT_SCRIPT,
-                     MACHINE_ID, PLUGIN_DIR, SERVICE, SPECIFIED_ENV)
+    MACHINE_ID, PLUGIN_DIR, SERVICE, SPECIFIED_ENV)
 from .procs import AgentProcesses, descendants
 from ..osfx.service import proc_stat_fields
 

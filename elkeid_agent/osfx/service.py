@@ -253,14 +253,14 @@ class ServiceEffects:
 
     def pidfile_holder(self, path):
         """pid of the live process holding pid file ``path``, else None."""
-        from elkeid_agent.pidlock import read_holder
+        from ..runtime.pidlock import read_holder
         return read_holder(self.host(path))
 
     def try_lock(self, path):
         """Take the pid-file lock ``path`` without waiting. Returns a handle
         with ``release()``, or None if another live process holds it."""
-        from elkeid_agent.errors import LocalFault
-        from elkeid_agent.pidlock import PidLock
+        from ..errors import LocalFault
+        from ..runtime.pidlock import PidLock
         lock = PidLock(self.host(path))
         try:
             lock.acquire()

@@ -18,8 +18,8 @@ import time
 from collections import deque
 
 from ..errors import ServerFault
-from ..queue import HIGH, NORMAL
-from ..resources import ProcessSampler
+from ..buffer.queue import HIGH, NORMAL
+from ..host.resources import ProcessSampler
 from .ingest import FrameDecoder
 from .policy import LimitEvaluator, RateMeter, RestartPolicy, TokenBucket, describe_exit
 

@@ -27,7 +27,7 @@ import time
 from .. import wire
 from ..errors import ServerFault
 from ..osfx.process import ProcessEffects
-from ..resources import dir_size
+from ..host.resources import dir_size
 from . import fetch
 from .fetch import FetchError
 from .ingest import task_frame

@@ -9,11 +9,11 @@ import sys
 import time
 
 from elkeid_agent import wire
-from elkeid_agent.devtools import FileServer  # noqa: F401 (re-exported for the tests)
+from elkeid_devtools.launchers import FileServer  # noqa: F401 (re-exported for the tests)
 from elkeid_agent.metrics import Registry
 from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.plugins import PluginSupervisor
-from elkeid_agent.queue import RecordQueue
+from elkeid_agent.buffer.queue import RecordQueue
 from elkeid_agent.state import AgentState
 
 FIXTURES = os.path.dirname(os.path.abspath(__file__))

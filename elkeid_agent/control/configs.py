@@ -1,0 +1,42 @@
+"""A configs list from the server: the complete desired set of plugins, plus
+the agent's own entry (``elkeid-agent``).
+
+Elkeid resets the agent's state to running on every configs list; the
+plugin entries go to the plugin supervisor's declarative sync, and an agent
+entry with another version is a self-update request, which this build
+refuses (reported as abnormal until a list without it arrives).
+"""
+
+import logging
+
+from .. import __version__
+
+log = logging.getLogger(__name__)
+
+
+class ConfigsHandler:
+    def __init__(self, state, plugins, owner):
+        """``plugins``: the PluginSupervisor, or None when plugin support is
+        unavailable; ``owner``: the runtime.tasks.TaskOwner that runs syncs."""
+        self.state = state
+        self.plugins = plugins
+        self.owner = owner
+
+    def __call__(self, decision):
+        self.state.reset()
+        if decision.agent is not None and decision.agent.version != __version__:
+            self.state.set_abnormal(
+                "update", "agent update to %s requested: self-update is not supported by "
+                          "this build" % decision.agent.version)
+            log.error("agent update %s -> %s refused: self-update not supported yet",
+                      __version__, decision.agent.version)
+        if self.plugins is None:
+            if decision.plugins:
+                names = ", ".join(sorted(c.name for c in decision.plugins))
+                self.state.set_abnormal("plugins", "plugin support unavailable: %s" % names)
+            return
+        self.owner.run_once("plugin sync", self._sync(decision.plugins))
+
+    async def _sync(self, configs):
+        for name, error in await self.plugins.sync(configs) or ():
+            log.error("plugin %s: %s", name, error)

@@ -1,0 +1,79 @@
+"""The mutual-TLS channel to AgentCenter: credentials from the TLS files,
+channel arguments (keepalive within AgentCenter's ping policy, message size
+limits, the server name the certificate must carry) and a readiness wait that
+fails fast when the dial is refused.
+"""
+
+import asyncio
+
+import grpc
+
+from ..errors import LocalFault
+
+# AgentCenter refuses messages over 10 MiB.
+MAX_MESSAGE = 10 * 1024 * 1024
+
+
+def load_credentials(settings):
+    """Read CA, client cert and key; LocalFault with the path on failure."""
+    material = []
+    for what in ("ca", "key", "cert"):
+        path = settings.path(getattr(settings, what))
+        try:
+            with open(path, "rb") as f:
+                material.append(f.read())
+        except OSError as e:
+            raise LocalFault("cannot read TLS %s %s: %s" % (what, path, e.strerror)) from None
+    ca, key, cert = material
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+def channel_options(s):
+    """grpc channel arguments for ``settings`` ``s``."""
+    keepalive_ms = int(s.keepalive_seconds * 1000)
+    return [
+        ("grpc.ssl_target_name_override", s.server_name),
+        ("grpc.default_authority", s.server_name),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        # AgentCenter disconnects clients pinging more often than every
+        # 5 s; ping only every keepalive_seconds and only with a call open.
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+        # We run our own reconnect policy; keep grpc's short so a
+        # channel_ready() wait reflects reality.
+        ("grpc.initial_reconnect_backoff_ms", 1000),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+
+
+async def wait_ready(channel, timeout):
+    """Like channel_ready() but fails fast on TRANSIENT_FAILURE (refused
+    connection, TLS rejection) instead of waiting out the dial timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            raise ConnectionError("channel state %s" % state.name)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError("dial timeout")
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError("dial timeout") from None
+        state = channel.get_state(try_to_connect=True)
+
+
+def short_error(e):
+    """One line of at most 300 characters describing ``e``."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, grpc.aio.AioRpcError):
+        text = "%s: %s" % (e.code().name, e.details())
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,232 @@
+"""Plugin benchmarks (not tests): records/s from N sample plugins in load mode.
+
+    python -m elkeid_devtools.plugin_bench [--plugins 1 4] [--seconds 5]
+        [--record-size 200] [--rate -1] [--python PATH] [--e2e] [--dir DIR]
+
+Default: the supervisor in this process feeding a RecordQueue drained like
+the sender drains it. One row per plugin count: records/s and MB/s that
+left the queue, this process's CPU seconds per million records (pipe reads,
+frame splitting, validation, queue, the stand-in consumer), its CPU share,
+its RSS, and the plugins' own CPU. Then the per-record cost of the
+validation choices (see ingest.py).
+
+``--e2e``: the whole path - a real ``elkeid-agent run`` process with the
+plugins, sending over mutual TLS to the development AgentCenter
+(``--store counts``); records/s counted by the devcenter, CPU and RSS of the
+agent process read from /proc.
+
+``measure(...)`` and ``measure_agent(...)`` return the numbers as dicts.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import timeit
+
+from elkeid_agent import wire
+from elkeid_agent.metrics import Registry
+from elkeid_agent.pb import grpc_pb2
+from elkeid_agent.buffer.queue import RecordQueue
+from elkeid_agent.state import AgentState
+from elkeid_agent.osfx.process import read_proc
+from elkeid_agent.plugins.ingest import check_record
+from elkeid_agent.plugins.supervisor import PluginSupervisor
+
+LOAD_TYPE = 9002
+
+
+def _install_load_plugins(workdir, plugins, rate, record_size, interpreter):
+    """Put ``plugins`` sample plugins in load mode into ``workdir``; returns
+    their configs (dicts with Config's fields, as the command API takes them)."""
+    from .sample_plugin import build
+    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
+                         "load": {"records_per_sec": rate, "record_size": record_size}})
+    configs = []
+    for i in range(plugins):
+        name = "load%d" % i
+        sha = build.install(workdir, name, interpreter or sys.executable)
+        configs.append({"name": name, "type": "exe", "version": "1", "sha256": sha,
+                        "signature": sha, "download_url": [], "detail": detail})
+    return configs
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def measure(plugins=1, seconds=5.0, record_size=200, rate=-1, warmup=1.0,
+                  interpreter=None, workdir=None):
+    """Run ``plugins`` sample plugins at ``rate`` records/s each (-1: as fast
+    as they can) and measure for ``seconds`` after ``warmup``."""
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="elkeid-plugin-bench-")
+    metrics = Registry()
+    queue = RecordQueue(64 * 1024 * 1024, metrics)
+    sup = PluginSupervisor(workdir, queue, metrics, AgentState())
+    # The command API's JSON says download_url; the proto field is download_urls.
+    configs = [grpc_pb2.Config(download_urls=c.pop("download_url"), **c) for c in
+               _install_load_plugins(workdir, plugins, rate, record_size, interpreter)]
+    taken = [0, 0]  # records, bytes
+
+    async def consume():
+        while True:
+            await queue.wait_ready(0.005, 4096, 2 * 1024 * 1024)
+            batch = queue.take_batch(4096, 2 * 1024 * 1024)
+            taken[0] += len(batch)
+            taken[1] += sum(map(len, batch))
+
+    consumer = asyncio.ensure_future(consume())
+    try:
+        failures = await sup.sync(configs)
+        if failures:
+            raise RuntimeError("plugins failed to load: %r" % failures)
+        await asyncio.sleep(warmup)
+        pids = [s["pid"] for s in sup.status()]
+        plugin_cpu0 = sum((read_proc(p) or (0, 0, 0.0))[2] for p in pids)
+        n0, b0 = taken
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        n1, b1 = taken
+        cpu1, t1 = time.process_time(), time.monotonic()
+        plugin_cpu1 = sum((read_proc(p) or (0, 0, 0.0))[2] for p in pids)
+        rss = _rss()
+    finally:
+        await sup.shutdown()
+        consumer.cancel()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    records = n1 - n0
+    elapsed = t1 - t0
+    return {
+        "plugins": plugins, "record_size": record_size, "seconds": elapsed,
+        "records": records, "records_per_sec": records / elapsed,
+        "mb_per_sec": (b1 - b0) / elapsed / 1e6,
+        "agent_cpu_seconds_per_million": (cpu1 - cpu0) / records * 1e6 if records else None,
+        "agent_cpu_share": (cpu1 - cpu0) / elapsed,
+        "agent_rss_mb": rss / 1e6,
+        "plugin_cpu_share": (plugin_cpu1 - plugin_cpu0) / elapsed,
+        "dropped": metrics.total("queue_dropped_records"),
+    }
+
+
+def _proc_cpu(pid):
+    sample = read_proc(pid)
+    return sample.cpu_seconds if sample else 0.0
+
+
+def _proc_rss(pid):
+    sample = read_proc(pid)
+    return sample.rss if sample else 0
+
+
+def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
+                  interpreter=None, base=None, compression=None):
+    """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter."""
+    from .launchers import AgentProc, DevCenterProc, wait_until
+
+    own = base is None
+    base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-plugin-e2e-"))
+    dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store="counts")
+    agent = None
+    try:
+        workdir = os.path.join(base, "agent-%d" % plugins)
+        shutil.rmtree(workdir, ignore_errors=True)
+        agent_id = "plugin-bench-%d" % plugins
+        args = ["--server", dc.grpc, "--agent-id", agent_id] + dc.cert_args
+        if compression:
+            args += ["--compression", compression]
+        agent = AgentProc(workdir, args)
+        wait_until(lambda: any(a.get("agent_id") == agent_id for a in dc.agents()), 60, 0.2,
+                   "agent to connect")
+        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter)
+        status, body = dc.command(agent_id, {"config": configs})
+        if status != 200:
+            raise RuntimeError("command refused: %r" % (body,))
+        time.sleep(warmup)
+        n0, cpu0, t0 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
+        time.sleep(seconds)
+        n1, cpu1, t1 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
+        rss = _proc_rss(agent.pid)
+    finally:
+        clean_exit = True
+        if agent is not None:
+            try:
+                agent.stop()
+            except AssertionError:  # killed after 20 s: report it, do not hide it
+                clean_exit = False
+        dc.stop()
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
+    records = n1 - n0
+    elapsed = t1 - t0
+    return {"plugins": plugins, "record_size": record_size, "seconds": elapsed,
+            "records": records, "records_per_sec": records / elapsed,
+            "agent_cpu_seconds_per_million": (cpu1 - cpu0) / records * 1e6 if records else None,
+            "agent_cpu_share": (cpu1 - cpu0) / elapsed, "agent_rss_mb": rss / 1e6,
+            "clean_exit": clean_exit}
+
+
+def validation_costs(record_size=200, number=100000):
+    """Microseconds per record for each way of validating a frame body."""
+    body = wire.encode_record(LOAD_TYPE, int(time.time()),
+                              {"pad": "x" * max(0, record_size - 40), "seq": "0" * 12,
+                               "exe": "/usr/bin/bash"})
+    out = {}
+    for name, fn in (("check_record (used)", lambda: check_record(body)),
+                     ("decode_record deep=False", lambda: wire.decode_record(body, False)),
+                     ("decode_record deep=True", lambda: wire.decode_record(body, True))):
+        out[name] = timeit.timeit(fn, number=number) / number * 1e6
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m elkeid_devtools.plugin_bench")
+    p.add_argument("--plugins", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--record-size", type=int, default=200)
+    p.add_argument("--rate", type=float, default=-1, help="records/s per plugin; -1 = max")
+    p.add_argument("--python", default=None, help="interpreter for the plugins")
+    p.add_argument("--e2e", action="store_true",
+                   help="through a real agent process to the devcenter over mTLS")
+    p.add_argument("--compression", choices=("none", "gzip"), default=None)
+    p.add_argument("--dir", default=None, help="scratch dir for --e2e (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.e2e:
+        print("plugins -> elkeid-agent -> mTLS -> devcenter (--store counts), %d-byte records"
+              % args.record_size)
+        print("%-8s %12s %16s %10s %10s %s" % ("plugins", "records/s", "cpu s/1M rec",
+                                               "agent cpu", "agent rss", "note"))
+        for n in args.plugins:
+            r = measure_agent(n, args.seconds, args.record_size, args.rate,
+                              interpreter=args.python, base=args.dir,
+                              compression=args.compression)
+            print("%-8d %12.0f %16.2f %9.0f%% %8.1fMB %s" % (
+                n, r["records_per_sec"], r["agent_cpu_seconds_per_million"] or 0,
+                r["agent_cpu_share"] * 100, r["agent_rss_mb"],
+                "" if r["clean_exit"] else "agent needed SIGKILL to stop"))
+        return 0
+    print("%-8s %12s %8s %16s %10s %10s %11s %8s" % (
+        "plugins", "records/s", "MB/s", "cpu s/1M rec", "agent cpu", "agent rss",
+        "plugin cpu", "dropped"))
+    for n in args.plugins:
+        r = asyncio.run(measure(n, args.seconds, args.record_size, args.rate,
+                                interpreter=args.python))
+        print("%-8d %12.0f %8.1f %16.2f %9.0f%% %8.1fMB %10.0f%% %8d" % (
+            n, r["records_per_sec"], r["mb_per_sec"], r["agent_cpu_seconds_per_million"] or 0,
+            r["agent_cpu_share"] * 100, r["agent_rss_mb"], r["plugin_cpu_share"] * 100,
+            r["dropped"]))
+    print()
+    print("validation cost per %d-byte record:" % args.record_size)
+    for name, us in validation_costs(args.record_size).items():
+        print("  %-26s %6.2f us" % (name, us))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
