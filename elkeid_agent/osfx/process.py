@@ -44,7 +44,7 @@ import sys
 import threading
 from collections import namedtuple
 
-from . import signal_process
+from . import proc_start_ticks, signal_process
 
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
@@ -221,8 +221,7 @@ class ProcessEffects:
             return ""
 
     def start_ticks(self, pid):
-        stat = _read_stat(pid)
-        return int(stat[19]) if stat else None
+        return proc_start_ticks(pid)
 
     def sweep_group(self, pgid, min_start_ticks, roots):
         """SIGKILL leftovers of a process group recorded by an earlier agent.
