@@ -15,6 +15,7 @@ import pytest
 from elkeid_agent.osfx import ProcessIdentity, proc_start_ticks
 from elkeid_agent.osfx.service import ServiceEffects, parse_stat, proc_stat_fields, stat_state
 from elkeid_agent.runtime.pidlock import PidLock
+from harness import wait_until
 
 
 @pytest.fixture
@@ -22,11 +23,8 @@ def fx(tmp_path):
     return ServiceEffects(root=str(tmp_path))
 
 
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def wait_for(predicate, timeout=60):
+    wait_until(predicate, timeout, 0.02)
 
 
 def test_paths_are_rebased_under_root(fx, tmp_path):

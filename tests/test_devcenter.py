@@ -636,7 +636,7 @@ def test_http_command_timeout_and_stream_end_map_to_5xx(tmp_path, monkeypatch):
             body = {"agent_id": "agent-1", "command": {"task": {"data_type": 1}}}
 
             async def never(agent_id, command, timeout):
-                await asyncio.sleep(30)
+                await asyncio.Event().wait()  # the loop-side wait times out first
 
             async def stream_gone(agent_id, command, timeout):
                 raise ConnectionError("stream of agent-1 closed before the command was written")
