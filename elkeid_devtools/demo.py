@@ -9,7 +9,8 @@ every record the server stores: agent heartbeats (1000), plugin heartbeats
 (1001), the sample plugin's own heartbeats (9001) and its answer (9003) to a
 task sent through the same API. Everything lives under ``.demo/``
 (certificates, database, the agent's workdir and log, the command sent), so
-it can be inspected and replayed afterwards.
+it can be inspected and replayed afterwards; each run shows only the
+records stored after it started. Its children die with it.
 """
 
 import argparse
@@ -56,7 +57,36 @@ def _health(port):
         return "unreachable: %s" % e
 
 
-def deploy_sample(dc, agent_id, files, base, heartbeat_interval):
+class Output:
+    """stdout for a reader that may leave early (``./build.sh demo | head -3``).
+
+    Each line is flushed as it is written; once the pipe is closed ``closed``
+    is set, later lines go nowhere (fd 1 becomes /dev/null, so the
+    interpreter's last flush cannot fail either) and the demo stops and
+    cleans up as it does on Ctrl-C."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.closed = False
+
+    def __call__(self, text=""):
+        if self.closed:
+            return
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+
+# A shell reports a writer killed by SIGPIPE as 128 + 13.
+EXIT_READER_GONE = 141
+
+
+def deploy_sample(dc, agent_id, files, base, heartbeat_interval, say=print):
     """Serve the sample plugin and send its config through POST /command/.
     Returns the request body (also written to ``<base>/sample-command.json``)."""
     archive, signature = build.tar_gz_bytes(
@@ -71,8 +101,8 @@ def deploy_sample(dc, agent_id, files, base, heartbeat_interval):
     status, answer = dc.command(agent_id, body["command"])
     if status != 200:
         raise RuntimeError("POST /command/ answered %s: %s" % (status, answer))
-    print("deployed the sample plugin: POST http://%s/command/ with %s\n"
-          "  (replay: curl -d @%s http://%s/command/)" % (dc.http_addr, path, path, dc.http_addr))
+    say("deployed the sample plugin: POST http://%s/command/ with %s\n"
+        "  (replay: curl -d @%s http://%s/command/)" % (dc.http_addr, path, path, dc.http_addr))
     return body
 
 
@@ -90,65 +120,72 @@ def main(argv=None):
         p.error("--heartbeat-interval must be > 0")
     base = os.path.abspath(args.dir)
     os.makedirs(base, exist_ok=True)
+    say = Output(sys.stdout)
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 
-    print("starting the development AgentCenter (certificates in %s/devcenter/certs)" % base)
-    dc = DevCenterProc(os.path.join(base, "devcenter"))
+    say("starting the development AgentCenter (certificates in %s/devcenter/certs)" % base)
+    # Both children get SIGTERM from the kernel if the demo dies any other way.
+    dc = DevCenterProc(os.path.join(base, "devcenter"), die_with_parent=True)
     agent = files = None
     try:
-        print("AgentCenter: gRPC %s (mutual TLS, server name elkeid.com), HTTP API http://%s"
-              % (dc.grpc, dc.http_addr))
+        # .demo/ is kept between runs: show only what this run stores.
+        newest = dc.records(limit=1, newest=True)
+        last_id = newest[-1]["id"] if newest else 0
+        say("AgentCenter: gRPC %s (mutual TLS, server name elkeid.com), HTTP API http://%s"
+            % (dc.grpc, dc.http_addr))
         agent = AgentProc(os.path.join(base, "agent"),
                           ["--server", dc.grpc, "--heartbeat-interval",
-                           "%g" % args.heartbeat_interval] + dc.cert_args)
-        print("agent pid %d, workdir %s/agent, log %s/agent/log/elkeid-agent.log"
-              % (agent.pid, base, base))
+                           "%g" % args.heartbeat_interval] + dc.cert_args, die_with_parent=True)
+        say("agent pid %d, workdir %s/agent, log %s/agent/log/elkeid-agent.log"
+            % (agent.pid, base, base))
         agent_id = agent.agent_id()
         dc.wait_agent(agent_id, timeout=60)
-        print("agent %s connected" % agent_id)
-        if not args.no_plugin:
+        say("agent %s connected" % agent_id)
+        if not args.no_plugin and not say.closed:
             files = FileServer()
-            deploy_sample(dc, agent_id, files, base, args.heartbeat_interval)
-        print("records as AgentCenter stores them; Ctrl-C to stop\n")
-        print("%-8s %-5s %-7s %s" % ("time", "type", "from", "details"))
-        last_id, counts, echoed = 0, {}, False
+            deploy_sample(dc, agent_id, files, base, args.heartbeat_interval, say)
+        say("records as AgentCenter stores them; Ctrl-C to stop\n")
+        say("%-8s %-5s %-7s %s" % ("time", "type", "from", "details"))
+        counts, echoed = {}, False
         deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
-        while not stop and agent.alive and (deadline is None or time.monotonic() < deadline):
+        while not stop and not say.closed and agent.alive and (
+                deadline is None or time.monotonic() < deadline):
             for r in dc.records(after=last_id, limit=1000):
                 last_id = r["id"]
                 if r["data_type"] not in SHOWN:
                     continue
                 counts[r["data_type"]] = counts.get(r["data_type"], 0) + 1
                 source, details = _describe(r)
-                print("%-8s %-5d %-7s %s" % (time.strftime("%H:%M:%S", time.localtime(
+                say("%-8s %-5d %-7s %s" % (time.strftime("%H:%M:%S", time.localtime(
                     r["timestamp"])), r["data_type"], source, details))
                 if r["data_type"] == SAMPLE_HEARTBEAT and not echoed:
                     # The plugin is up: show its HTTP endpoint, then task it.
                     echoed = True
-                    print("%8s the sample plugin's GET /health: %s" % (
+                    say("%8s the sample plugin's GET /health: %s" % (
                         "", _health(r["fields"].get("http_port"))))
                     dc.command(agent_id, {"task": {"name": "sample", "data_type": TASK_ECHO,
                                                    "data": "hello from the demo",
                                                    "token": "demo-echo"}})
-                sys.stdout.flush()
             time.sleep(0.5)
+        if say.closed:
+            return EXIT_READER_GONE
         if not agent.alive:
-            print("\nthe agent exited unexpectedly; its output:\n" + agent.log_text()[-3000:])
+            say("\nthe agent exited unexpectedly; its output:\n" + agent.log_text()[-3000:])
             return 1
-        print("\nstored in %s: %s" % (dc.db, ", ".join(
+        say("\nstored in %s by this run: %s" % (dc.db, ", ".join(
             "%d x %d" % (counts[t], t) for t in sorted(counts)) or "nothing"))
         wanted = (AGENT_HEARTBEAT,) if args.no_plugin else SHOWN
         missing = [t for t in wanted if not counts.get(t)]
         if missing:
-            print("never arrived: %s (see %s/agent/log/)" % (", ".join(map(str, missing)), base))
+            say("never arrived: %s (see %s/agent/log/)" % (", ".join(map(str, missing)), base))
             return 1
         return 0
     finally:
         if agent is not None:
             code = agent.stop()
-            print("agent stopped (exit %s)" % code)
+            say("agent stopped (exit %s)" % code)
         if files is not None:
             files.close()
         dc.stop()

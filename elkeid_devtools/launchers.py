@@ -20,6 +20,15 @@ import urllib.error
 import urllib.request
 
 PY = sys.executable
+# Exec shim for children that must die with their parent (the demo): sets
+# PR_SET_PDEATHSIG, gives up if the parent is already gone, then execs the
+# real command in place (same pid). prctl(2) option 1 = PR_SET_PDEATHSIG.
+# No preexec_fn: that forces fork(), unsafe in a process running gRPC.
+_DEATH_SHIM = ("import ctypes, os, sys\n"
+               "ctypes.CDLL(None).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
+               "if os.getppid() != int(sys.argv[2]):\n"
+               "    os._exit(111)\n"
+               "os.execv(sys.argv[3], sys.argv[3:])\n")
 # The directory holding the elkeid_agent package, put on the children's path
 # so a source checkout works without installation.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +54,17 @@ def _env(extra=None):
     return env
 
 
+def _command(argv, die_with_parent):
+    """``argv``, or ``argv`` behind the shim that has the kernel send SIGTERM
+    when the parent dies. PR_SET_PDEATHSIG fires when the *thread* that
+    started the child exits: start such children from a thread that lives as
+    long as they should."""
+    if not die_with_parent:
+        return list(argv)
+    return [PY, "-I", "-S", "-c", _DEATH_SHIM, str(int(signal.SIGTERM)), str(os.getpid())] + \
+        list(argv)
+
+
 def unwrap(body, key):
     """AgentCenter-style answers are {"code": 0, "msg": ..., "data": ...};
     ``data`` may itself be a list or an object holding ``key``."""
@@ -56,7 +76,7 @@ def unwrap(body, key):
 
 
 class DevCenterProc:
-    def __init__(self, base, certs=None, store="full", extra_args=()):
+    def __init__(self, base, certs=None, store="full", extra_args=(), die_with_parent=False):
         self.base = str(base)
         os.makedirs(self.base, exist_ok=True)
         self.certs = certs or os.path.join(self.base, "certs")
@@ -66,8 +86,8 @@ class DevCenterProc:
                 "--http", "127.0.0.1:0", "--certs", self.certs, "--db", self.db,
                 "--uploads", self.uploads, "--quiet", "--store", store] + list(extra_args)
         self.stderr = open(os.path.join(self.base, "devcenter.stderr"), "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     env=_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(_command(args, die_with_parent), stdout=subprocess.PIPE,
+                                     stderr=self.stderr, env=_env(), cwd=ROOT)
         self.grpc = self.http_addr = None
         lines = []
         deadline = time.monotonic() + 60
@@ -121,9 +141,12 @@ class DevCenterProc:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
-    def records(self, data_type=None, agent_id=None, limit=100000, after=0):
-        """Stored records, oldest first; ``after`` skips ids up to it."""
+    def records(self, data_type=None, agent_id=None, limit=100000, after=0, newest=False):
+        """Stored records, oldest first; ``after`` skips ids up to it;
+        ``newest`` keeps the last ``limit`` instead of the first."""
         q = ["limit=%d" % limit, "after=%d" % after]
+        if newest:
+            q.append("newest=1")
         if data_type is not None:
             q.append("data_type=%d" % data_type)
         if agent_id is not None:
@@ -172,7 +195,7 @@ class DevCenterProc:
 
 
 class AgentProc:
-    def __init__(self, workdir, args=(), env=None):
+    def __init__(self, workdir, args=(), env=None, die_with_parent=False):
         self.workdir = str(workdir)
         try:
             os.makedirs(self.workdir, exist_ok=True)
@@ -182,8 +205,9 @@ class AgentProc:
         self.stderr = os.fdopen(fd, "wb")
         cmd = [PY, "-m", "elkeid_agent", "run", "--workdir", self.workdir] + list(args)
         cwd = self.workdir if os.path.isdir(self.workdir) else None
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
-                                     stderr=self.stderr, env=_env(env), cwd=cwd)
+        self.proc = subprocess.Popen(_command(cmd, die_with_parent), stdin=subprocess.DEVNULL,
+                                     stdout=self.stderr, stderr=self.stderr, env=_env(env),
+                                     cwd=cwd)
         self.pid = self.proc.pid
 
     @property

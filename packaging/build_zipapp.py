@@ -93,8 +93,10 @@ def fetch(wheels, project, ver, python, abi, arch, tag_part):
     if found:
         return found
     say("downloading %s==%s for %s %s" % (project, ver, abi, arch))
+    # --no-cache-dir: the wheel is kept in ``wheels``; pip's own cache would
+    # be a second copy under ~/.cache/pip (the tests build zipapps too).
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-           "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "--no-cache-dir", "--no-deps", "--only-binary=:all:", "--python-version", python,
            "--implementation", "cp", "--abi", abi, "-d", wheels,
            "%s==%s" % (project, ver)]
     if not tag_part.endswith("none-any"):

@@ -518,6 +518,42 @@ def test_sysvinit_stop_never_signals_itself_or_its_parents(fx):
     assert not signalled & {7500, 4000, CTL_PID, 1}
 
 
+def test_sysvinit_stop_never_signals_a_process_that_reused_a_plugins_pid(fx):
+    """A plugin seen at the start of the stop exits; a stranger gets its pid
+    (and leads a group of its own) before the 30 s are up. Only the plugin
+    that was seen may be killed, never what holds its number later."""
+    pid = running_agent(fx, on_term="ignore")
+    fx.procs[pid + 1].on_term = "ignore"
+    fx.after(2, lambda: fx.reuse_pid(pid + 1, exe="/usr/sbin/sshd", on_term="ignore"))
+    r = run(fx, "stop")
+    assert r.code == 0, r
+    stranger = fx.procs[pid + 1]
+    assert stranger.exe == "/usr/sbin/sshd" and stranger.alive
+    assert not {p for p, _sig in fx.signals()} & {pid + 1, -(pid + 1)}
+    assert (pid, signal.SIGKILL) in fx.signals() and not fx.alive(pid)
+    assert "killed 1 process(es)" in r.out
+
+
+def test_sysvinit_stop_never_follows_the_agents_pid_to_another_process(fx):
+    """The agent exits on SIGTERM and a stranger with children of its own
+    gets its pid: the stop is over, the stranger's tree is not the agent's."""
+    pid = running_agent(fx, on_term="exit_tree")
+    real_exit = fx._exit
+
+    def exit_then_reuse(p, status):
+        real_exit(p, status)
+        if p.pid == pid:
+            fx._exit = real_exit
+            fx.reuse_pid(pid, exe="/usr/bin/postgres", on_term="ignore")
+            fx.add_proc(pid + 50, pid, exe="/usr/bin/postgres", on_term="ignore")
+    fx._exit = exit_then_reuse
+    r = run(fx, "stop")
+    assert r.code == 0, r
+    assert fx.signals() == [(pid, signal.SIGTERM)]
+    assert fx.procs[pid].exe == "/usr/bin/postgres" and fx.alive(pid) and fx.alive(pid + 50)
+    assert "elkeid-agent stopped" in r.out and "killed" not in r.out
+
+
 def test_sysvinit_stop_sweeps_plugins_of_a_crashed_agent(fx):
     pid = running_agent(fx)
     fx.procs[pid].alive = False              # killed -9: no pid-file holder any more

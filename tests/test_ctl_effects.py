@@ -12,8 +12,10 @@ import time
 
 import pytest
 
+from elkeid_agent.osfx import ProcessIdentity, proc_start_ticks
 from elkeid_agent.osfx.service import ServiceEffects, parse_stat, proc_stat_fields, stat_state
 from elkeid_agent.runtime.pidlock import PidLock
+from harness import wait_until
 
 
 @pytest.fixture
@@ -21,11 +23,8 @@ def fx(tmp_path):
     return ServiceEffects(root=str(tmp_path))
 
 
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def wait_for(predicate, timeout=60):
+    wait_until(predicate, timeout, 0.02)
 
 
 def test_paths_are_rebased_under_root(fx, tmp_path):
@@ -69,8 +68,10 @@ def test_remove_rmdir_rmtree_and_copy(fx, tmp_path):
 
 
 def test_parse_stat_with_hostile_command_names():
-    raw = b"1234 (evil) 5 6 (x) S 77 1234 1234 0 -1 4194304"
-    assert parse_stat(raw) == (1234, 77, 1234)
+    raw = (b"1234 (evil) 5 6 (x) S 77 1234 1234 0 -1 4194304"
+           b" 0 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10")
+    assert parse_stat(raw) == (1234, 77, 1234, 987654)
+    assert parse_stat(raw[:40]) == (1234, 77, 1234, None)  # cut short: no start time
     assert stat_state(raw) == "S"
     assert proc_stat_fields(raw)[:3] == ["S", "77", "1234"]
     assert parse_stat(b"garbage") is None
@@ -200,3 +201,137 @@ def test_signals_never_reach_our_group_or_every_process(fx):
     finally:
         if child.poll() is None:
             child.kill()
+
+
+# ---------------------------------------------------------------- identity
+
+def _sleeper(**kw):
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+
+
+def _identity_of(real, pid):
+    return real.identify(real.processes()[pid])
+
+
+def _exited_identity(**kw):
+    """The identity of a real child that has exited and been reaped, and a
+    new live process started in a later clock tick (so its start time
+    differs, as a process reusing the pid would)."""
+    real = ServiceEffects()
+    first = _sleeper(**kw)
+    old = _identity_of(real, first.pid)
+    first.kill()
+    first.wait(10)
+    deadline = time.monotonic() + 30
+    while True:
+        new = _sleeper(**kw)
+        wait_for(lambda: proc_start_ticks(new.pid) is not None)
+        if proc_start_ticks(new.pid) != old.start:
+            return real, old, new
+        new.kill()
+        new.wait(10)
+        assert time.monotonic() < deadline, "no later clock tick"
+
+
+def _assert_alive(real, proc):
+    ident = ProcessIdentity.capture(proc.pid, use_pidfd=False)
+    assert proc.poll() is None and ident is not None and real.kill(ident, 0) is True
+
+
+@pytest.mark.parametrize("with_pidfd", [True, False])
+def test_a_remembered_process_is_not_signalled_once_its_pid_names_another(with_pidfd):
+    """elkeidctl remembers (pid, start time[, pidfd]); the process exits, is
+    reaped, and the pid now names a new process (pid reuse cannot be forced,
+    so the stale identity is pointed at the new process's pid)."""
+    real, old, new = _exited_identity()
+    try:
+        if with_pidfd and old.pidfd is None:
+            pytest.skip("no pidfds on this kernel")
+        stale = ProcessIdentity(new.pid, old.start, old.pidfd if with_pidfd else None)
+        assert real.kill(stale, signal.SIGKILL) is False
+        assert stale.is_current() is False
+        _assert_alive(real, new)
+        # The process that is remembered correctly is signalled.
+        ident = ProcessIdentity.capture(new.pid, use_pidfd=with_pidfd)
+        assert (ident.pidfd is not None) == with_pidfd
+        assert real.kill(ident, signal.SIGTERM) is True
+        assert new.wait(10) == -signal.SIGTERM
+        assert real.kill(ident, signal.SIGTERM) is False  # reaped: gone for good
+        ident.close()
+    finally:
+        old.close()
+        if new.poll() is None:
+            new.kill()
+            new.wait()
+
+
+GROUP_LEADER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("with_pidfd", [True, False])
+def test_a_group_is_killed_only_while_its_leader_is_the_one_remembered(with_pidfd):
+    real, old, decoy = _exited_identity(start_new_session=True)
+    decoy.kill()
+    decoy.wait(10)
+    leader = subprocess.Popen([sys.executable, "-c", GROUP_LEADER], stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        member = int(leader.stdout.readline())
+        assert real.processes()[member].pgid == leader.pid
+        if with_pidfd and old.pidfd is None:
+            pytest.skip("no pidfds on this kernel")
+        stale = ProcessIdentity(leader.pid, old.start, old.pidfd if with_pidfd else None)
+        assert real.kill(stale, signal.SIGKILL, group=True) is False
+        _assert_alive(real, leader)
+        assert real.alive(member)
+        ident = ProcessIdentity.capture(leader.pid, use_pidfd=with_pidfd)
+        assert real.kill(ident, signal.SIGKILL, group=True) is True
+        assert leader.wait(10) == -signal.SIGKILL
+        wait_for(lambda: not real.alive(member))  # the whole group, not just the leader
+        ident.close()
+    finally:
+        old.close()
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
+def test_a_group_kill_needs_an_identity():
+    with pytest.raises(ValueError):
+        ServiceEffects().kill(os.getpid(), 0, group=True)
+    with pytest.raises(ValueError):
+        ServiceEffects().kill(ProcessIdentity(1, 0), 0)
+
+
+LEAVING_AGENT = """
+import signal, subprocess, sys, time
+plugin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                          start_new_session=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exits, leaves its plugin
+print(plugin.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_of_real_processes_terms_the_agent_then_its_leftover_plugin():
+    """procs.stop against this machine: identities with pidfds, the agent's
+    SIGTERM, then the group of the plugin it left behind."""
+    from elkeid_agent.ctl import procs
+    real = ServiceEffects()
+    agent = subprocess.Popen([sys.executable, "-c", LEAVING_AGENT], stdout=subprocess.PIPE)
+    plugin = int(agent.stdout.readline())
+    said = []
+    try:
+        assert procs.stop(real, None, agent.pid, said.append) == []
+        assert agent.wait(10) == 0
+        assert not real.alive(plugin)
+    finally:
+        for pid in (agent.pid, plugin):
+            if real.alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        agent.wait()

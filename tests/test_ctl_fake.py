@@ -7,13 +7,18 @@ is recorded in ``fx.calls`` and time only moves when the code sleeps, so a
 30-second stop timeout costs nothing.
 """
 
+import itertools
 import os
 import signal
 
+from elkeid_agent.osfx import ProcessIdentity
 from elkeid_agent.osfx.service import Completed, Proc, ServiceEffects
 
 CTL_PID = 5000
 SHELL_PID = 4000
+# Start times (clock ticks since boot): a later process with a reused pid
+# has a later one, which is how the real seam tells them apart.
+_TICKS = itertools.count(100)
 
 
 class FakeProc:
@@ -22,6 +27,7 @@ class FakeProc:
         self.pgid = pgid if pgid is not None else pid
         self.exe, self.cwd = exe, cwd
         self.on_term = on_term  # "exit" | "exit_tree" | "ignore"
+        self.start = next(_TICKS)
         self.alive = True
         self.exit_status = None
 
@@ -40,6 +46,7 @@ class FakeFx(ServiceEffects):
         self.calls = []
         self.euid = 0
         self.clock = 1000.0
+        self.later = []  # (fake time, action) run by sleep()
         self.tools = {"systemctl", "service", "update-rc.d", "mount", "umount"}
         self.results = {}  # tuple(argv[1:]) prefix -> Completed
         self.procs = {1: FakeProc(1, 0, exe="/sbin/init"),
@@ -112,7 +119,14 @@ class FakeFx(ServiceEffects):
         return Completed(0, "")
 
     def processes(self):
-        return {p.pid: Proc(p.pid, p.ppid, p.pgid) for p in self.procs.values() if p.alive}
+        return {p.pid: Proc(p.pid, p.ppid, p.pgid, p.start)
+                for p in self.procs.values() if p.alive}
+
+    def identify(self, proc):
+        p = self.procs.get(proc.pid)
+        if p is None or not p.alive or p.start != proc.start:
+            return None
+        return ProcessIdentity(p.pid, p.start)
 
     def alive(self, pid):
         p = self.procs.get(pid)
@@ -124,7 +138,14 @@ class FakeFx(ServiceEffects):
             return None
         return p.exe if what == "exe" else p.cwd
 
-    def kill(self, pid, sig):
+    def kill(self, pid, sig, group=False):
+        if isinstance(pid, ProcessIdentity):
+            # As osfx.signal_process: only the process that was identified.
+            p = self.procs.get(pid.pid)
+            if p is None or p.start != pid.start:
+                self.calls.append(("kill-refused", pid.pid, sig))
+                return False
+            pid = -pid.pid if group else pid.pid
         if pid in (0, -1):  # as osfx.signal_process: never our group, never everything
             raise ValueError("refusing to signal pid %d" % pid)
         self.calls.append(("kill", pid, sig))
@@ -249,6 +270,22 @@ class FakeFx(ServiceEffects):
 
     def sleep(self, seconds):
         self.clock += seconds
+        due = [a for a in self.later if a[0] <= self.clock]
+        self.later = [a for a in self.later if a[0] > self.clock]
+        for _when, action in due:
+            action()
+
+    def after(self, seconds, action):
+        """Run ``action()`` once the fake clock has moved ``seconds`` on."""
+        self.later.append((self.clock + seconds, action))
+
+    def reuse_pid(self, pid, ppid=1, **kw):
+        """``pid`` exits (if it still runs) and an unrelated process gets its
+        number: what the kernel does once pids wrap around."""
+        old = self.procs.get(pid)
+        if old is not None and old.alive:
+            self._exit(old, 0)
+        return self.add_proc(pid, ppid, **kw)
 
 
 # ---------------------------------------------------------------- cgroup hosts

@@ -636,7 +636,7 @@ def test_http_command_timeout_and_stream_end_map_to_5xx(tmp_path, monkeypatch):
             body = {"agent_id": "agent-1", "command": {"task": {"data_type": 1}}}
 
             async def never(agent_id, command, timeout):
-                await asyncio.sleep(30)
+                await asyncio.Event().wait()  # the loop-side wait times out first
 
             async def stream_gone(agent_id, command, timeout):
                 raise ConnectionError("stream of agent-1 closed before the command was written")
@@ -891,3 +891,108 @@ def test_cli_refuses_non_loopback(tmp_path):
     from elkeid_devtools.devcenter.__main__ import main
     assert main(["--grpc", "0.0.0.0:0", "--http", "127.0.0.1:0", "--certs",
                  str(tmp_path / "c"), "--db", str(tmp_path / "db"), "--quiet"]) == 2
+
+
+def _cli(tmp_path, *args):
+    """Run the real ``python -m elkeid_devtools.devcenter`` until it exits or
+    says it listens; returns (exit status or None, stdout lines, stderr)."""
+    from harness import wait_until
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "elkeid_devtools.devcenter", "--quiet",
+                             "--http", "127.0.0.1:0"] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=str(tmp_path))
+    lines = []
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line.decode())
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        wait_until(lambda: proc.poll() is not None or any("listening" in x for x in lines), 60,
+                   what="the devcenter to exit or listen")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+            return None, lines, proc.stderr.read().decode()
+    return proc.returncode, lines, proc.stderr.read().decode()
+
+
+def _refused_in_one_line(result, needle):
+    code, lines, err = result
+    assert code not in (None, 0), (code, lines, err)
+    assert err.strip().splitlines() == [err.strip()] and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_refuses_a_grpc_port_another_devcenter_listens_on(tmp_path):
+    from harness import DevCenterProc
+    first = DevCenterProc(tmp_path / "first")
+    try:
+        (tmp_path / "second").mkdir()
+        result = _cli(tmp_path, "--grpc", first.grpc, "--certs", str(tmp_path / "first/certs"),
+                      "--db", str(tmp_path / "second/dc.db"))
+        _refused_in_one_line(result, "cannot listen on %s: the port is in use" % first.grpc)
+        # The first one still has the port to itself and still answers.
+        assert first.request("GET", "/ping")[0] == 200 and first.proc.poll() is None
+    finally:
+        first.stop()
+
+
+def test_cli_refuses_a_db_that_is_a_directory(tmp_path):
+    (tmp_path / "adir").mkdir()
+    result = _cli(tmp_path, "--grpc", "127.0.0.1:0", "--certs", str(tmp_path / "certs"),
+                  "--db", str(tmp_path / "adir"))
+    _refused_in_one_line(result, "database %s is a directory" % (tmp_path / "adir"))
+    assert os.listdir(str(tmp_path / "adir")) == []
+
+
+def test_cli_refuses_a_db_in_a_missing_directory_and_creates_nothing(tmp_path):
+    result = _cli(tmp_path, "--grpc", "127.0.0.1:0", "--certs", str(tmp_path / "certs"),
+                  "--db", str(tmp_path / "missing/dir/x.db"))
+    _refused_in_one_line(result, "the directory of the database %s does not exist"
+                         % (tmp_path / "missing/dir/x.db"))
+    assert sorted(os.listdir(str(tmp_path))) == []  # no missing/, no certs/
+
+
+def test_command_with_deeply_nested_json_is_a_400(tmp_path):
+    from harness import DevCenterProc
+    dc = DevCenterProc(tmp_path / "dc")
+    try:
+        depth = 100000
+        for body in (b"[" * depth + b"]" * depth,
+                     b'{"agent_id": "a", "command": ' + b"[" * depth + b"]" * depth + b"}"):
+            req = urllib.request.Request("http://%s/command/" % dc.http_addr, data=body,
+                                         method="POST")
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 400
+            answer = json.loads(e.value.read())
+            assert answer["code"] == 1 and "nests too deeply" in answer["msg"], answer
+        assert dc.request("GET", "/ping")[0] == 200
+        with open(dc.stderr.name, "rb") as f:
+            assert b"Traceback" not in f.read()
+    finally:
+        dc.stop()
+
+
+def test_grpc_options_do_not_share_a_port():
+    """grpc turns SO_REUSEPORT on by default; with the devcenter's options a
+    second server cannot bind the port (the probe before it can be raced)."""
+    from elkeid_devtools.devcenter.server import SERVER_OPTIONS
+
+    async def main():
+        first = grpc.aio.server(options=SERVER_OPTIONS)
+        port = first.add_insecure_port("127.0.0.1:0")
+        await first.start()
+        try:
+            second = grpc.aio.server(options=SERVER_OPTIONS)
+            try:
+                bound = second.add_insecure_port("127.0.0.1:%d" % port)
+            except RuntimeError:
+                bound = 0
+            assert bound == 0
+        finally:
+            await first.stop(None)
+    run(main())

@@ -7,6 +7,7 @@ import pytest
 
 from elkeid_agent.runtime.httpd import LoopbackHTTPServer
 from elkeid_agent.metrics import Registry
+from plugins_fixtures.harness import wait_until
 
 
 def run(coro):
@@ -248,10 +249,7 @@ def test_connection_cap_and_stop_with_idle_connections():
         server = make_server(max_connections=1)
         port = await server.start()
         idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(500):
-            if server._conns:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: server._conns, 60, "the idle connection to be accepted")
         assert len(server._conns) == 1
         try:
             refused = await raw(port, b"GET /hello HTTP/1.1\r\n\r\n")

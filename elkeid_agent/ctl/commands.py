@@ -252,8 +252,7 @@ class Ctl:
             cg = AgentCgroup(self.fx)
             if apply:
                 holder = self.agent_holder()
-                pids = procs.AgentProcesses(self.fx, cg, holder or 0).current()[0] \
-                    if holder is not None else set()
+                pids = procs.agent_pids(self.fx, cg, holder) if holder is not None else set()
                 cg.move(pids, self.warn)
             facts = {"service_type": mode, "mode": cg.system.mode,
                      "hierarchies": cg.limits(), "members": sorted(cg.members())}

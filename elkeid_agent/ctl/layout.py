@@ -1,4 +1,4 @@
-"""Where Elkeid keeps things on a host (PROTOCOL.md section 7), the limits the
+"""Where Elkeid keeps things on a host (docs/protocol.md section 7), the limits the
 service runs under, and elkeidctl's exit codes. The same names and values as
 the Go elkeidctl (agent/deploy/control/cmd/root.go), so a host moves between
 the two without a trace.

@@ -15,7 +15,7 @@ from .. import __version__
 from .cgroups import AgentCgroup
 from .layout import (AGENT_PIDFILE, CRON_FILE, EXIT_NOT_RUNNING, EXIT_OK, INIT_SCRIPT,
     MACHINE_ID, PLUGIN_DIR, SERVICE, SPECIFIED_ENV)
-from .procs import AgentProcesses, descendants
+from .procs import agent_pids, descendants
 from ..osfx.service import proc_stat_fields
 
 EXIT_DEAD_WITH_PIDFILE = 1
@@ -86,7 +86,7 @@ def _sysvinit(ctl, info):
         for d in _RC_DIRS for name in fx.listdir(d))
     pids = set()
     if holder is not None or cg.members():
-        pids, _ = AgentProcesses(fx, cg, holder or 0).current()
+        pids = agent_pids(fx, cg, holder or 0)
     info.update(running=holder is not None, pid=holder, enabled=enabled,
                 cron_check=fx.exists(CRON_FILE), processes=sorted(pids),
                 cgroup={"mode": cg.system.mode, "hierarchies": cg.limits(),

@@ -5,7 +5,7 @@ Everything here touches the host; the plugin supervisor reaches it only
 through a ``ProcessEffects`` instance so tests can substitute a recorder and a
 reviewer can audit, in one file, what the agent does to processes.
 
-How a plugin is started (PROTOCOL.md section 1), without ``fork()``:
+How a plugin is started (docs/protocol.md section 1), without ``fork()``:
 - ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)``) with file
   actions putting /dev/null on stdin/stdout, the ``<name>.stderr`` file on
   stderr and the pipe ends on fds 3, 4 and 5; its own process group
@@ -44,7 +44,7 @@ import sys
 import threading
 from collections import namedtuple
 
-from . import signal_process
+from . import proc_start_ticks, signal_process
 
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
@@ -221,8 +221,7 @@ class ProcessEffects:
             return ""
 
     def start_ticks(self, pid):
-        stat = _read_stat(pid)
-        return int(stat[19]) if stat else None
+        return proc_start_ticks(pid)
 
     def sweep_group(self, pgid, min_start_ticks, roots):
         """SIGKILL leftovers of a process group recorded by an earlier agent.

@@ -18,14 +18,15 @@ import subprocess
 import time
 from collections import namedtuple
 
-from . import signal_process
+from . import ProcessIdentity, signal_process
 
 # What a command run through the seam produced. ``output`` is stdout+stderr
 # when captured, "" when the command wrote straight to the terminal.
 Completed = namedtuple("Completed", "rc output")
 
-# One process as /proc shows it.
-Proc = namedtuple("Proc", "pid ppid pgid")
+# One process as /proc shows it; ``start`` is its start time in clock ticks
+# since boot (field 22), what tells a process from a later one with its pid.
+Proc = namedtuple("Proc", "pid ppid pgid start", defaults=(None,))
 
 # Service managers and mount(8) are looked up here, as the Go elkeidctl does:
 # under cron PATH is only /usr/bin:/bin.
@@ -223,6 +224,15 @@ class ServiceEffects:
         state = stat_state(raw) if raw else None
         return state not in ("Z", "X")
 
+    def identify(self, proc):
+        """The ``ProcessIdentity`` of ``proc`` (a ``Proc`` from ``processes()``)
+        to signal it by later, or None if that process is gone already."""
+        if self.root != "/":
+            return None  # a re-based root has no processes of its own
+        return ProcessIdentity.capture(proc.pid, proc.start)
+
+    # Every signal: a pid, or a ProcessIdentity (``group=True`` for the group
+    # it leads), verified to be the same process first.
     kill = staticmethod(signal_process)
 
     def spawn(self, argv, cwd, env, cgroup_procs=()):
@@ -288,7 +298,8 @@ class ServiceEffects:
 
 
 def parse_stat(raw):
-    """Proc(pid, ppid, pgid) from /proc/<pid>/stat bytes, or None.
+    """Proc(pid, ppid, pgid, start) from /proc/<pid>/stat bytes, or None
+    (``start`` None when the line is cut short).
 
     The command name (field 2) may contain spaces and parentheses, so split
     after the *last* ')'."""
@@ -296,7 +307,8 @@ def parse_stat(raw):
         text = raw.decode("ascii", "replace")
         pid = int(text[:text.index(" ")])
         rest = text[text.rindex(")") + 2:].split()
-        return Proc(pid, int(rest[1]), int(rest[2]))
+        start = int(rest[19]) if len(rest) > 19 else None
+        return Proc(pid, int(rest[1]), int(rest[2]), start)
     except (ValueError, IndexError):
         return None
 

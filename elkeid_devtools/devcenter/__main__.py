@@ -13,13 +13,14 @@ import signal
 import sys
 
 from .server import DevCenter
-from .store import MODES
+from .store import MODES, StoreError
 from .summary import run_summary
 
 # AgentCenter's own ports: 6751 for agents (gRPC), 6752 for the HTTP API.
 DEFAULT_GRPC = "127.0.0.1:6751"
 DEFAULT_HTTP = "127.0.0.1:6752"
 DEFAULT_DIR = "devcenter-data"
+DEFAULT_DB = os.path.join(DEFAULT_DIR, "devcenter.db")
 
 
 def build_parser():
@@ -33,8 +34,9 @@ def build_parser():
                    help="HTTP API listen address (default %(default)s)")
     p.add_argument("--certs", default=os.path.join(DEFAULT_DIR, "certs"), metavar="DIR",
                    help="certificate bundle; made when missing (default %(default)s)")
-    p.add_argument("--db", default=os.path.join(DEFAULT_DIR, "devcenter.db"), metavar="FILE",
-                   help="SQLite database (default %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
+                   help="SQLite database; its directory must exist (default %(default)s, "
+                        "made when missing)")
     p.add_argument("--uploads", default=None, metavar="DIR",
                    help="where uploaded files go (default: 'uploads' next to --db)")
     p.add_argument("--store", choices=MODES, default="full",
@@ -73,11 +75,20 @@ async def _serve(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.db == DEFAULT_DB:
+        # Only the default data directory is made here (one level, in the
+        # current directory); a --db elsewhere must name an existing one.
+        try:
+            os.makedirs(DEFAULT_DIR, mode=0o700, exist_ok=True)
+        except OSError as e:
+            print("elkeid-devcenter: cannot create %s: %s" % (DEFAULT_DIR, e.strerror or e),
+                  file=sys.stderr)
+            return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(_serve(args))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StoreError) as e:
         print("elkeid-devcenter: %s" % e, file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""The devcenter's HTTP API (AgentCenter's, PROTOCOL.md section 8, plus a few
+"""The devcenter's HTTP API (AgentCenter's, docs/protocol.md section 8, plus a few
 development views).
 
 Owns request parsing, validation and the JSON/Prometheus responses. It runs
@@ -145,6 +145,9 @@ class HttpApi:
             return json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise HttpError(400, "request body is not valid JSON: %s" % e) from None
+        except RecursionError:
+            # json recurses once per bracket: 100k of them exhaust the stack.
+            raise HttpError(400, "request body nests too deeply") from None
 
     def post_command(self, query, body):
         obj = self._json_body(body)

@@ -15,9 +15,11 @@ stream.
 """
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import time
 
 import grpc
@@ -36,7 +38,7 @@ DATA_TYPE_PLUGIN_HEARTBEAT = 1001
 DATA_TYPE_UPLOAD_TASK = 1050
 
 MiB = 1024 * 1024
-# AgentCenter's limits (PROTOCOL.md section 5).
+# AgentCenter's limits (docs/protocol.md section 5).
 MAX_MESSAGE_BYTES = 10 * MiB
 MIN_PING_INTERVAL_MS = 5000
 # The agent refuses files over buf_size * 600 with chunks of at most
@@ -50,6 +52,9 @@ STORE_HIGH_WATER = 64
 STORE_LOW_WATER = 16
 
 SERVER_OPTIONS = [
+    # grpc sets SO_REUSEPORT by default: a second devcenter on the same port
+    # would bind too and the kernel would split the agents between the two.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Go AgentCenter: keepalive.EnforcementPolicy{MinTime: 5s,
@@ -86,6 +91,28 @@ def parse_address(text):
         host = "127.0.0.1"
     check_loopback(host)
     return str(ipaddress.ip_address(host)), int(port)
+
+
+def check_port_free(host, port):
+    """Refuse, in one line, a fixed port something already listens on
+    (another devcenter, most likely). grpc would say so too, but only after
+    a core log line of its own; with ``grpc.so_reuseport`` off its bind
+    still fails if the port is taken between this probe and that bind."""
+    if not port:
+        return
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # As grpc does: connections in TIME_WAIT do not make a port busy.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise OSError("cannot listen on %s: the port is in use (another devcenter?)"
+                          % format_address(host, port)) from None
+        raise OSError("cannot listen on %s: %s" % (format_address(host, port),
+                                                   e.strerror or e)) from None
+    finally:
+        probe.close()
 
 
 def format_address(host, port):
@@ -227,6 +254,9 @@ class DevCenter:
 
     async def start(self):
         self._loop = asyncio.get_running_loop()
+        # Refusals that need nothing created first come first.
+        self.store.check_paths()
+        check_port_free(self.grpc_host, self._grpc_port_req)
         self.bundle = certs_mod.ensure_bundle(self.certs_dir)
         material = certs_mod.read_bundle(self.bundle)
         self.store.open()

@@ -242,9 +242,39 @@ class Store:
 
     # ------------------------------------------------------------ lifecycle
 
+    def check_paths(self):
+        """Refuse a database path that cannot be one, before anything is
+        made. Missing parent directories are not created: the devcenter
+        often runs as root, and a typo must not grow a tree under /."""
+        if os.path.isdir(self.db_path):
+            raise StoreError("database %s is a directory; name a file in it" % self.db_path)
+        for what, path in (("database", self.db_path), ("uploads directory", self.uploads_dir)):
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                raise StoreError("the directory of the %s %s does not exist (%s); create it first"
+                                 % (what, path, parent))
+        if os.path.exists(self.uploads_dir) and not os.path.isdir(self.uploads_dir):
+            raise StoreError("uploads directory %s is not a directory" % self.uploads_dir)
+
     def open(self):
-        os.makedirs(os.path.dirname(self.db_path) or ".", exist_ok=True)
-        os.makedirs(self.uploads_dir, mode=0o700, exist_ok=True)
+        self.check_paths()
+        try:
+            os.mkdir(self.uploads_dir, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            self._open_db()
+        except sqlite3.Error as e:
+            for db in (self._writer, self._reader):
+                if db is not None:
+                    db.close()
+            self._writer = self._reader = None
+            raise StoreError("cannot open database %s: %s" % (self.db_path, e)) from None
+        log.debug("store %s opened (%s mode)", self.db_path, self.mode)
+        self._thread = threading.Thread(target=self._run, name="devcenter-store", daemon=True)
+        self._thread.start()
+
+    def _open_db(self):
         # Autocommit mode: transactions are explicit BEGIN/COMMIT below.
         self._writer = sqlite3.connect(self.db_path, check_same_thread=False,
                                        isolation_level=None)
@@ -256,16 +286,12 @@ class Store:
         self._reader = sqlite3.connect(self.db_path, check_same_thread=False,
                                        isolation_level=None)
         self._reader.execute("PRAGMA busy_timeout=5000")
-        table = "records" if self.mode == "full" else "record_counts"
         if self.mode == "full":
             rows = self._writer.execute(
                 "SELECT agent_id, data_type, COUNT(*) FROM records GROUP BY agent_id, data_type")
         else:
             rows = self._writer.execute("SELECT agent_id, data_type, count FROM record_counts")
         self._counts = {(a, t): n for a, t, n in rows}
-        log.debug("store %s opened (%s mode, counts from %s)", self.db_path, self.mode, table)
-        self._thread = threading.Thread(target=self._run, name="devcenter-store", daemon=True)
-        self._thread.start()
 
     def close(self):
         """Flush everything queued, write counts (counts mode), close."""
