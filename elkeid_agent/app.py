@@ -144,7 +144,7 @@ class Agent:
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
                                    self.metrics)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
-                                self.request_shutdown)
+                                self.request_shutdown, self.executors, owner=self.owner)
         if self.plugins is not None:
             try:
                 # Kills plugin processes a crashed earlier agent left behind.
