@@ -82,6 +82,7 @@ class Heartbeat:
         m = a.metrics
         fields["queue_dropped"] = str(m.total("queue_dropped_records"))
         fields["queue_records"] = str(a.queue.count)
+        fields["queue_bytes"] = str(a.queue.bytes)
         fields["commands_rejected"] = str(m.total("commands_rejected"))
         return fields
 
