@@ -43,7 +43,7 @@ def parse_upload(data, token):
 
 class AgentTasks:
     def __init__(self, settings, transport, metrics, report_failure, request_shutdown,
-                 executors, owner=None, uploader=None):
+                 executors, owner=None, uploader=None, write_env=None):
         self.settings = settings
         self.transport = transport
         self.metrics = metrics
@@ -52,6 +52,8 @@ class AgentTasks:
         self.executors = executors
         self.owner = owner
         self.uploader = uploader or Uploader(transport, executors)
+        # A seam for tests: the blocking specified_env writer.
+        self.write_env = write_env or settings_mod.write_env_file
         self.upload_task = None
         self._metadata = None  # the 1051 being persisted, if any
 
@@ -129,8 +131,7 @@ class AgentTasks:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
-            await self.executors.run("files", settings_mod.write_env_file,
-                                     self.settings.workdir, changes)
+            await self.executors.run("files", self.write_env, self.settings.workdir, changes)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # OSError, AgentError, Saturated

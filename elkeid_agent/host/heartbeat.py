@@ -1,4 +1,4 @@
-"""Heartbeat records: 1000 for the agent, 1001 per plugin (PROTOCOL.md 4).
+"""Heartbeat records: 1000 for the agent, 1001 per plugin (docs/protocol.md section 4).
 
 Every field is a string; floats use ``%.8f`` like the Go agent's
 ``strconv.FormatFloat(v, 'f', 8, 64)``. Beyond Elkeid's fields the agent
@@ -15,7 +15,7 @@ from .. import wire
 
 AGENT_HEARTBEAT, PLUGIN_HEARTBEAT = 1000, 1001
 
-# PROTOCOL.md section 4, in its order: a test checks every one is present.
+# docs/protocol.md section 4, in its order: a test checks every one is present.
 AGENT_FIELDS = (
     "kernel_version", "arch", "platform", "platform_family", "platform_version", "state",
     "state_detail", "idc", "region", "net_mode", "rx_speed", "tx_speed", "cpu", "rss",

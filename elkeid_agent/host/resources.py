@@ -1,4 +1,4 @@
-"""Resource facts for the heartbeats (PROTOCOL.md 4), read from /proc and /sys.
+"""Resource facts for the heartbeats (docs/protocol.md section 4), read from /proc and /sys.
 
 This module owns the numbers the Go agent takes from gopsutil and from its
 ``agent/resource`` package: per-process cpu/rss/io/fd/start time
@@ -525,7 +525,7 @@ def dir_size(path: str, exclude: Optional[str] = None) -> int:
     Sizes are apparent sizes (st_size) of everything that is not a directory,
     symlinks counting their own length, as filepath.Walk with Lstat does.
     ``exclude`` names a top-level subdirectory to leave out (``plugin`` for
-    the agent's du, PROTOCOL.md 4); Go would skip such a name at any depth.
+    the agent's du, docs/protocol.md section 4); Go would skip such a name at any depth.
     Unreadable entries are skipped.
     """
     try:
