@@ -47,12 +47,14 @@ class Heartbeat:
     def __init__(self, agent):
         self.agent = agent
         self.pid = os.getpid()
+        # The process sampler's baseline is the process start: its first
+        # sample (the first heartbeat, moments from now) is the usage since
+        # start. Priming it here would make that a few-millisecond window
+        # of clock-tick noise (211 % on a 2-core host).
         self.proc = resources.ProcessSampler(self.pid)
+        # The system sampler reads its baseline when created: the first
+        # heartbeat's cpu_usage covers the time since start-up, not boot.
         self.cpu_usage = resources.CpuUsageSampler()
-        # Prime the samplers so the first heartbeat's rates cover the
-        # interval since start-up rather than since boot.
-        self.proc.sample()
-        self.cpu_usage.sample()
 
     def agent_fields(self):
         a = self.agent
