@@ -372,8 +372,6 @@ def test_live_cpu_both_paths_agree():
     for key in theirs:  # counters only grow: psutil's reading lies between ours
         for lo, mid, hi in zip(before[key], theirs[key], after[key]):
             assert lo - 1e-9 <= mid <= hi + 1e-9
-    la, lb = a.loads(), b.loads()
-    assert len(la) == len(lb) == 3
 
 
 @needs_psutil

@@ -223,7 +223,8 @@ class CpuCollector(_Collector):
     """/proc/stat cpu times and /proc/loadavg.
 
     Busy time is everything but idle and iowait (as psutil and the heartbeat's
-    cpu_usage count it); guest time is already inside user and nice. psutil
+    cpu_usage count it); guest time is already inside user and nice. Load
+    averages always come from /proc/loadavg. psutil
     numbers its per-CPU times by position, the stdlib path by the kernel's
     cpuN: the two differ only while a CPU in the middle is offline.
     """
@@ -255,9 +256,8 @@ class CpuCollector(_Collector):
         return out
 
     def loads(self) -> Optional[Tuple[float, float, float]]:
-        loads = self._psutil(psutil.getloadavg) if psutil else None
-        if loads is not None:
-            return loads[0], loads[1], loads[2]
+        # Always the kernel's text: psutil.getloadavg (glibc's getloadavg,
+        # from sysinfo) has more digits than /proc/loadavg and node_exporter.
         fields = loadavg(self.root)
         values = [_gauge(fields.get(k)) for k in ("load_1", "load_5", "load_15")]
         if None in values:
