@@ -2,7 +2,7 @@
 
 This module owns the host-metrics collectors of the services file's
 ``collectors:`` section. Each collector is an object whose ``sample()``
-reads /proc and /sys (under ``root``, so tests can use a fake tree) and
+reads /proc (under ``root``, so tests can use a fake tree) and
 returns a flat list of ``Sample`` (name, labels, value). The same list
 renders as Prometheus text (``render_prometheus``) and as the string fields
 of Elkeid records (``record_fields``: integers as decimal text, floats as
