@@ -142,7 +142,7 @@ class Agent:
 
         self.plugins = self._make_plugin_host()
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
-                                   self.metrics)
+                                   self.metrics, executors=self.executors)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown)
         if self.plugins is not None:
@@ -246,7 +246,11 @@ class Agent:
             except Exception:
                 log.exception("plugin shutdown failed")
         if self.transport is not None:
-            await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
+            try:
+                # After the plugins: their last records are in the queue.
+                await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
+            except Exception:  # what is left of shutdown must still run
+                log.exception("transport shutdown failed")
         await self.owner.close()
         if self.debug is not None:
             await self.debug.close()
