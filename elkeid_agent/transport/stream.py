@@ -196,6 +196,7 @@ class Transport:
         await self._close_channel()
         while not self._stopping:
             if self.delivery.nothing_to_deliver(self.queue.pending(), False):
+                self._finished.set()
                 await self._stopped.wait()
                 return
             try:
