@@ -1,10 +1,11 @@
 """The agent process: wires every component onto one asyncio loop.
 
-Data path (DESIGN.md): plugins and the agent's own producers put serialized
+Data path: plugins and the agent's own producers put serialized
 Records into ``RecordQueue``; ``Transport`` drains it onto the Transfer
 stream; Commands come back through ``commands.Dispatcher`` to the agent
 tasks, the plugin supervisor and (later) the updater. Timers drive the
-heartbeat. Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint,
+heartbeat and the systemd watchdog; after a stall they fire once and carry
+on from then (runtime/ticker.py) instead of making up every missed tick. Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint,
 SIGUSR2 release memory.
 
 Start-up never gives up on a host problem it can survive: an unwritable
@@ -31,6 +32,7 @@ from .metrics import Registry
 from .buffer.queue import RecordQueue
 from .runtime.executors import Executors
 from .runtime.tasks import TaskOwner
+from .runtime.ticker import Ticker
 from .state import AgentState
 from .transport.stream import Transport
 
@@ -142,7 +144,7 @@ class Agent:
 
         self.plugins = self._make_plugin_host()
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
-                                   self.metrics)
+                                   self.metrics, executors=self.executors)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown, self.executors, owner=self.owner)
         if self.plugins is not None:
@@ -188,19 +190,19 @@ class Agent:
         interval = self.settings.heartbeat_interval
         watchdog = sdnotify.watchdog_interval()
         if watchdog:
-            # systemd kills us after WatchdogSec without WATCHDOG=1; beat at
-            # least twice per period even if heartbeats are rarer.
+            # systemd kills us after WatchdogSec without WATCHDOG=1; ping
+            # at least twice per period even if heartbeats are rarer.
             interval = min(interval, watchdog / 2)
-        next_beat = time.monotonic()
-        next_heartbeat = next_beat
+        now = time.monotonic()
+        heartbeat = Ticker(self.settings.heartbeat_interval, now)
+        ping = Ticker(interval, now)
         while True:
             now = time.monotonic()
-            if now >= next_heartbeat:
+            if heartbeat.due(now):
                 self._beat()
-                next_heartbeat += self.settings.heartbeat_interval
-            sdnotify.watchdog()
-            next_beat += interval
-            await asyncio.sleep(max(0.0, min(next_beat, next_heartbeat) - time.monotonic()))
+            if ping.due(now):
+                sdnotify.watchdog()
+            await asyncio.sleep(max(0.0, min(heartbeat.next, ping.next) - time.monotonic()))
 
     def _beat(self):
         try:
@@ -246,7 +248,11 @@ class Agent:
             except Exception:
                 log.exception("plugin shutdown failed")
         if self.transport is not None:
-            await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
+            try:
+                # After the plugins: their last records are in the queue.
+                await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
+            except Exception:  # what is left of shutdown must still run
+                log.exception("transport shutdown failed")
         await self.owner.close()
         if self.debug is not None:
             await self.debug.close()

@@ -8,7 +8,9 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -16,7 +18,10 @@ import pytest
 from elkeid_agent import __version__
 from elkeid_agent.host.heartbeat import AGENT_FIELDS
 from elkeid_agent.pb import grpc_pb2 as pb
+from elkeid_devtools.launchers import FileServer
+from elkeid_devtools.sample_plugin import HEARTBEAT, build
 from harness import DevCenterProc, unwrap, wait_until
+from rawserver import RawServer
 
 
 def heartbeat_of(devcenter, agent_id, predicate=lambda r: True, timeout=30):
@@ -72,8 +77,50 @@ def test_heartbeat_has_every_field_and_decodes_with_generated_classes(devcenter,
 def test_sigterm_flushes_and_exits_cleanly(devcenter, start_agent):
     agent = start_agent("term-agent")
     devcenter.wait_agent("term-agent")
+    # A plugin under load: records are in flight at SIGTERM, and its last
+    # heartbeat ("stopping") is written during shutdown, so only the drain
+    # can deliver it.
+    files = FileServer()
+    try:
+        archive, signature = build.tar_gz_bytes("sample", sys.executable, {
+            "agent_id": "term-plugin", "http_port": 0, "heartbeat_interval": 3600,
+            "load": {"records_per_sec": 500, "record_size": 200}})
+        cfg = build.plugin_config("sample", "1.0.0", archive, signature,
+                                  [files.add("/sample.tgz", archive)])
+        status, body = devcenter.command("term-agent", {"config": [cfg]})
+        assert status == 200, body
+        devcenter.wait_records(9002, count=100, agent_id="term-agent")
+        assert agent.stop() == 0
+    finally:
+        files.close()
+    text = agent.log_text()
+    assert "shutting down (SIGTERM)" in text
+    stopping = devcenter.wait_records(
+        HEARTBEAT, lambda r: r["fields"].get("status") == "stopping", agent_id="term-agent")
+    assert len(stopping) == 1, "the last heartbeat arrived %d times" % len(stopping)
+    for problem in ("InvalidStateError", "could not be delivered", "flush budget"):
+        assert problem not in text
+
+
+def test_a_stall_is_followed_by_one_heartbeat_not_a_burst(devcenter, start_agent):
+    agent = start_agent("stall-agent")  # heartbeat every 0.5 s
+    devcenter.wait_records(1000, count=3, agent_id="stall-agent")
+    agent.signal(signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        # The stall is the input: twelve heartbeat intervals.
+        wait_until(lambda: time.time() > stopped + 6, 30, what="the stall")
+    finally:
+        resumed = int(time.time())
+        agent.signal(signal.SIGCONT)
+    devcenter.wait_records(1000, lambda r: r["timestamp"] >= resumed + 3,
+                           agent_id="stall-agent", timeout=60)
+    around = [r for r in devcenter.records(1000, "stall-agent")
+              if resumed <= r["timestamp"] <= resumed + 1]
+    # Back-to-back catch-up would put twelve or more in these two seconds; the
+    # regular schedule from the resume fits at most four.
+    assert len(around) <= 6, [r["timestamp"] for r in around]
     assert agent.stop() == 0
-    assert "shutting down (SIGTERM)" in agent.log_text()
 
 
 def test_task_1060_shuts_down(devcenter, start_agent):
@@ -289,6 +336,29 @@ def test_service_discovery_used_then_garbage_falls_back(devcenter, start_agent, 
     agent = start_agent("sd-garbage", "--service-discovery", sd)
     assert heartbeat_of(devcenter, "sd-garbage", connected)["fields"]["net_mode"] == "private"
     agent.wait_log("service discovery failed, falling back")
+
+
+@pytest.mark.parametrize("reply", ["garbage", "deep", "midbody"])
+def test_broken_service_discovery_never_ends_the_transport(devcenter, start_agent, reply):
+    bad = RawServer(reply)
+    aid = "sdbroken-" + reply
+    try:
+        agent = start_agent(aid, "--service-discovery", bad.address)
+        heartbeat_of(devcenter, aid, lambda r: r["fields"]["net_mode"] == "private")
+        agent.wait_log("service discovery failed, falling back")
+        line = "connected to %s (net_mode private)" % devcenter.grpc
+        for n in (2, 3):  # the agent keeps reconnecting, asking the bad peer each time
+            status, body = devcenter.request("POST", "/conn/reset", {"agent_id": aid})
+            assert status == 200, body
+            wait_until(lambda: agent.log_text().count(line) >= n, 60, 0.1,
+                       "reconnection #%d" % (n - 1))
+        assert bad.hits >= 3
+        rec = heartbeat_of(devcenter, aid, lambda r: r["fields"]["net_mode"] == "private")
+        assert "task:transport" not in rec["fields"]["state_detail"]
+        assert "task transport" not in agent.log_text()
+        assert agent.stop() == 0
+    finally:
+        bad.close()
 
 
 def test_no_server_keeps_retrying(tmp_path, start_agent, devcenter):

@@ -1,4 +1,5 @@
-"""Endpoint choice and command decisions (sans-I/O)."""
+"""Endpoint choice and command decisions (sans-I/O), and the service
+discovery lookup against real loopback peers that break HTTP."""
 
 import json
 
@@ -10,6 +11,7 @@ from elkeid_agent.errors import ServerFault
 from elkeid_agent.metrics import Registry
 from elkeid_agent.pb import grpc_pb2 as pb
 from elkeid_agent.settings import Endpoints
+from rawserver import DEEP_JSON, RawServer
 
 
 def sd(data, code=0):
@@ -39,9 +41,49 @@ def test_sd_garbage_is_a_server_fault(body, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("body,reason", [
+    (DEEP_JSON, "too_deep"),
+    (b'{"code": 0, "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "too_deep"),
+    (b'{"code": ' + b"9" * 5000 + b"}", "not_json"),  # int() digit limit
+    (b'{"code": 0, "data": [{"ip": "10.0.0.1", "port": 1, "weight": NaN}]}', "none_usable"),
+    (b'{"code": 0, "data": [{"ip": "10.0.0.1", "port": 1, "weight": 1e999}]}', "none_usable"),
+    (b'{"code": 0, "data": [{"ip": "10.0.0.1", "port": 1e999}, {"ip": ["x"], "port": 1},'
+     b' {"ip": "10.0.0.1", "port": 99999999999999999999999}, {"ip": "10.0.0.1", "port": true}]}',
+     "none_usable"),
+    (b'{"code": [], "msg": {}}', "code"),
+    (b'{"code": 0, "data": {"ip": "10.0.0.1"}}', "no_servers"),
+    (b"123", "bad_shape"),
+    (None, "not_json"),
+])
+def test_sd_pathological_replies_have_a_reason(body, reason):
+    with pytest.raises(ServerFault) as e:
+        endpoints.parse_sd_reply(body)
+    assert getattr(e.value, "reason", None) == reason, e.value
+
+
+def test_sd_huge_weight_integer_still_sorts():
+    body = sd([{"ip": "10.0.0.1", "port": 1, "weight": 10 ** 300},
+               {"ip": "10.0.0.2", "port": 1, "weight": 2}])
+    assert endpoints.parse_sd_reply(body) == ["10.0.0.1:1", "10.0.0.2:1"]
+
+
 def test_sd_unreachable_is_a_server_fault():
     with pytest.raises(ServerFault):
         endpoints.fetch_sd("127.0.0.1:1", timeout=2)
+
+
+@pytest.mark.parametrize("reply,reason", [
+    ("garbage", "bad_http"), ("midbody", "bad_http"), ("deep", "too_deep"),
+    (b"", "bad_http"),  # accepts, reads the request, closes: RemoteDisconnected
+])
+def test_sd_broken_http_peer_is_a_server_fault(reply, reason):
+    srv = RawServer(reply)
+    try:
+        with pytest.raises(ServerFault) as e:
+            endpoints.parse_sd_reply(endpoints.fetch_sd(srv.address, timeout=10))
+        assert getattr(e.value, "reason", None) == reason, e.value
+    finally:
+        srv.close()
 
 
 def test_plan_order_and_compression():

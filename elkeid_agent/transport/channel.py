@@ -12,6 +12,15 @@ from ..errors import LocalFault
 
 # AgentCenter refuses messages over 10 MiB.
 MAX_MESSAGE = 10 * 1024 * 1024
+# grpcio can send only these; AgentCenter accepts gzip (docs/protocol.md section 5).
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
+
+
+def identity(b):
+    """The (de)serializer of every call: the agent builds and parses the
+    message bytes itself, so a malformed server message is a counted error
+    of ours, not an exception inside grpc."""
+    return b
 
 
 def load_credentials(settings):

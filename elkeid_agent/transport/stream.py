@@ -10,36 +10,34 @@ Serializers are identity functions: the agent writes bytes it assembled
 itself and parses Commands itself, so a malformed server message is a counted
 error instead of an exception inside grpc.
 
-Failure handling: a batch whose write did not complete is requeued (it goes
-out first on the next stream). Elkeid's stream has no acknowledgements, so
-a message grpc accepted may still be in flight when the stream breaks; the
-batches written in the last few seconds (bounded by bytes) are kept in a
-replay window and requeued too when a stream ends: at-least-once delivery,
-with the resent records counted (``transport_replayed_records``). The stream is re-established 5 s after it is
-lost; while no endpoint answers, attempts back off to a cap and never stop
-(the Go agent exits after six failures, discarding what it holds).
+The delivery rules (requeue of a failed write, the replay window, the
+shutdown drain and its single half-close) live in ``delivery.Delivery``; this
+module feeds it events and performs its actions. At-least-once delivery:
+replayed records are counted (``transport_replayed_records``). The stream is
+re-established 5 s after it is lost; while no endpoint answers, attempts
+back off to a cap and never stop (the Go agent exits after six failures,
+discarding what it holds). Nothing from outside (a discovery answer, a
+broken stream, a dial) ends the connect loop: it is logged, counted, and
+the loop carries on.
 """
 
 import asyncio
 import logging
 import time
-from collections import deque
 
 import grpc
 
 from . import endpoints
-from .channel import channel_options, load_credentials, short_error, wait_ready
+from .channel import (COMPRESSION, channel_options, identity, load_credentials,
+                      short_error, wait_ready)
+from .delivery import FINISHED, HALF_CLOSE, IDLE, REDIAL, Delivery
 from .. import wire
-from ..errors import LocalFault, ServerFault
+from ..errors import LocalFault
+from ..runtime.executors import KINDS as EXECUTOR_KINDS, Executors, Saturated
 
 log = logging.getLogger(__name__)
 
 TRANSFER = "/grpc.Transfer/Transfer"
-_COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
-
-
-def _identity(b):
-    return b
 
 
 class StreamClosed(Exception):
@@ -81,9 +79,13 @@ class TransferStats:
 
 
 class Transport:
-    def __init__(self, settings, queue, header, on_command, metrics, loop=None):
+    def __init__(self, settings, queue, header, on_command, metrics, loop=None,
+                 executors=None):
         """``header`` is a zero-argument callable returning the cached
-        PackagedData header bytes; ``on_command(raw_bytes)`` must not raise."""
+        PackagedData header bytes; ``on_command(raw_bytes)`` must not raise.
+        ``executors``: the agent's ``Executors`` (the discovery lookup runs in
+        its ``discovery`` pool); in-process users may pass none and get a
+        private discovery pool, closed by ``stop``."""
         self.settings = settings
         self.queue = queue
         self.header = header
@@ -93,24 +95,33 @@ class Transport:
         self.net_mode = "unknown"
         self.connected_to = None
         self.channel = None
+        self.delivery = Delivery(settings.replay_seconds, settings.replay_max_bytes)
+        self._own_executors = None
+        if executors is None:
+            executors = self._own_executors = Executors(
+                None, kinds={"discovery": EXECUTOR_KINDS["discovery"]})
+        self._executors = executors
         self._credentials = None
         self._call = None
         self._stopping = False
         self._connected = asyncio.Event()
         self._run_task = None
         self._reconnect = asyncio.Event()
-        self._window = deque()  # (written_at, batch, nbytes) on the current stream
-        self._window_bytes = 0
-        self._writing = False  # a batch is between take_batch and write()
-        self._clean_end = False  # the last stream ended with the server's OK
-        self._half_closed = None  # the call we half-closed (only then is OK a receipt)
+        self._drain = asyncio.Event()     # wakes an idle send loop for the drain
+        self._finished = asyncio.Event()  # the drain completed
+        self._stopped = asyncio.Event()
         self._backoff = endpoints.Backoff(settings.reconnect_delay, settings.reconnect_max_delay)
         metrics.set("transport_connected", lambda: 1 if self._call is not None else 0)
         metrics.describe("transport_connect_failures", "dial attempts that failed, by net_mode")
+        metrics.describe("transport_connect_errors",
+                         "connection attempts that failed unexpectedly, by exception type")
+        metrics.describe("transport_sd_errors", "service discovery lookups refused, by reason")
         metrics.describe("transport_stream_errors", "Transfer streams that ended abnormally")
         metrics.describe("transport_requeued_records", "records put back after a failed write")
         metrics.describe("transport_replayed_records",
                          "records resent because their stream broke soon after they were written")
+        metrics.describe("transport_drain_incomplete",
+                         "shutdowns whose flush budget ran out before the server confirmed")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -133,59 +144,66 @@ class Transport:
 
     async def stop(self, flush_timeout=5.0):
         """Deliver what is queued (bounded by ``flush_timeout``), then close.
+        Returns True when the server confirmed everything.
 
-        The reconnect loop keeps running while draining, so a stream that
-        breaks during shutdown is re-established if the server is there.
-        Delivery is confirmed only by the server ending the stream cleanly
-        after our half-close; any other end replays the window and drains
-        again. Whatever is still queued at the deadline is counted."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + flush_timeout
-
-        def running():
-            return self._run_task is not None and not self._run_task.done()
-
-        while running() and loop.time() < deadline:
-            if self.queue.pending() or self._writing or self._call is None:
-                if not self.queue.pending() and not self._writing and self._call is None \
-                        and not self._window:
-                    break  # nothing queued and nothing unconfirmed
-                await asyncio.sleep(0.01)
-                continue
-            call = self._call
-            self._clean_end = False
-            self._half_closed = call
+        The send loop drains the queue without its batching delay, records
+        queued meanwhile included, half-closes the stream once and the
+        server's clean end confirms receipt. A stream that breaks during the
+        drain replays its window and is redialled at once. Whatever is
+        still queued at the deadline is counted. Never raises because the
+        connect loop crashed: shutdown must go on."""
+        d = self.delivery
+        d.drain_requested()
+        self._drain.set()
+        task = self._run_task
+        if task is not None and not task.done() \
+                and not d.nothing_to_deliver(self.queue.pending(), self._call is not None):
             try:
-                await asyncio.wait_for(call.done_writing(), max(0.1, deadline - loop.time()))
-            except Exception:  # the stream is going away; the window replays
-                pass
-            while self._call is call and loop.time() < deadline:
-                await asyncio.sleep(0.01)
-            if self._clean_end and not self.queue.pending():
-                break
+                await asyncio.wait_for(self._finished.wait(), flush_timeout)
+            except asyncio.TimeoutError:
+                self.metrics.inc("transport_drain_incomplete")
+                log.warning("flush budget of %.1f s spent before the server confirmed delivery",
+                            flush_timeout)
         self._stopping = True
-        if self._run_task is not None:
-            self._run_task.cancel()
-            try:
-                await self._run_task
-            except asyncio.CancelledError:
-                pass
+        self._stopped.set()
+        if task is not None:
+            task.cancel()
+            for result in await asyncio.gather(task, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("transport connect loop had crashed: %s: %s",
+                              type(result).__name__, short_error(result))
         await self._close_channel()
+        if self._own_executors is not None:
+            self._own_executors.close()
         left = self.queue.pending()
         if left:
             self.metrics.inc("records_undelivered_at_exit", left)
             log.error("%d records could not be delivered before exit", left)
+        return d.finished and not left
 
     # ------------------------------------------------------------ connect
 
     async def run(self):
         """The connect loop: dial, stream, redial, until ``stop``."""
         self._run_task = asyncio.current_task()
+        # A previous incarnation that crashed (restarted by the TaskOwner)
+        # may have left its channel open.
+        await self._close_channel()
         while not self._stopping:
+            if self.delivery.nothing_to_deliver(self.queue.pending(), False):
+                self._finished.set()
+                await self._stopped.wait()
+                return
             try:
                 connected = await self._connect()
             except LocalFault as e:
                 log.error("cannot connect: %s", e)
+                connected = False
+            except Exception as e:  # a bug or input nobody foresaw: never the end of the loop
+                self.metrics.inc("transport_connect_errors", error=type(e).__name__)
+                log.error("connection attempt failed: %s: %s", type(e).__name__,
+                          short_error(e), exc_info=e)
+                await self._close_channel()
                 connected = False
             if not connected:
                 delay = self._backoff.failed()
@@ -193,32 +211,39 @@ class Transport:
                 await asyncio.sleep(delay)
                 continue
             self._backoff.connected()
-            try:
-                await self._stream()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.metrics.inc("transport_stream_errors")
-                log.warning("transfer stream lost (%s: %s); reconnecting in %.1f s",
-                            type(e).__name__, short_error(e), self.settings.reconnect_delay)
+            ended, problem = await self._stream()
             await self._close_channel()
+            if problem is not None:
+                self.metrics.inc("transport_stream_errors")
+                log.warning("transfer stream lost (%s: %s); reconnecting", type(problem).__name__,
+                            short_error(problem))
+            if ended.next == FINISHED:
+                self._finished.set()
+                await self._stopped.wait()
+                return
             if self._reconnect.is_set():
                 self._reconnect.clear()
-            elif not self._stopping:
+            elif ended.next == REDIAL and not self._stopping:
                 await asyncio.sleep(self.settings.reconnect_delay)
 
     async def _candidates(self):
         eps = self.settings.endpoints
         sd_addrs = []
         if eps.service_discovery:
-            loop = asyncio.get_running_loop()
             try:
-                body = await loop.run_in_executor(None, endpoints.fetch_sd, eps.service_discovery)
-                sd_addrs = endpoints.parse_sd_reply(body)
-            except ServerFault as e:
-                self.metrics.inc("transport_sd_errors")
-                log.warning("service discovery failed, falling back: %s", e)
+                sd_addrs = await self._executors.run("discovery", endpoints.discover,
+                                                     eps.service_discovery)
+            except endpoints.SDError as e:
+                self._sd_failed(e.reason, e)
+            except Saturated as e:  # earlier lookups are still stuck in their timeout
+                self._sd_failed("saturated", e)
+            except Exception as e:
+                self._sd_failed("internal", e)
         return endpoints.plan(eps, sd_addrs)
+
+    def _sd_failed(self, reason, e):
+        self.metrics.inc("transport_sd_errors", reason=reason)
+        log.warning("service discovery failed, falling back: %s", short_error(e))
 
     async def _connect(self):
         if self._credentials is None:
@@ -228,14 +253,15 @@ class Transport:
             raise LocalFault("no AgentCenter endpoint configured for region %r"
                              % self.settings.region)
         for net_mode, address in plan:
-            channel = grpc.aio.secure_channel(address, self._credentials,
-                                              options=channel_options(self.settings))
+            channel = None
             try:
+                channel = grpc.aio.secure_channel(address, self._credentials,
+                                                  options=channel_options(self.settings))
                 await wait_ready(channel, self.settings.dial_timeout)
             except Exception as e:
                 self.metrics.inc("transport_connect_failures", net_mode=net_mode)
                 log.warning("dial %s (%s) failed: %s", address, net_mode, short_error(e))
-                await channel.close()
+                await _close_quietly(channel)
                 continue
             self.channel = channel
             self.net_mode = net_mode
@@ -248,25 +274,25 @@ class Transport:
         self._call = None
         self._connected.clear()
         channel, self.channel = self.channel, None
-        if channel is not None:
-            try:
-                await channel.close(grace=None)
-            except Exception:  # closing a broken channel can raise; it is gone either way
-                pass
+        await _close_quietly(channel)
 
     # ------------------------------------------------------------ stream
 
     async def _stream(self):
+        """One Transfer call; returns (delivery.Ended, the exception that
+        broke it or None)."""
         compression = endpoints.compression_for(self.settings.compression, self.net_mode)
-        method = self.channel.stream_stream(TRANSFER, request_serializer=_identity,
-                                            response_deserializer=_identity)
-        call = method(compression=_COMPRESSION[compression])
+        method = self.channel.stream_stream(TRANSFER, request_serializer=identity,
+                                            response_deserializer=identity)
+        call = method(compression=COMPRESSION[compression])
         self._call = call
         self._connected.set()
+        self.delivery.stream_started()
         sender = asyncio.ensure_future(self._send_loop(call))
         receiver = asyncio.ensure_future(self._recv_loop(call))
         reconnect = asyncio.ensure_future(self._reconnect.wait())
         tasks = (sender, receiver, reconnect)
+        done = ()
         try:
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -276,62 +302,67 @@ class Transport:
             self._call = None
             self._connected.clear()
             call.cancel()
-            # The server's OK confirms receipt only after our half-close: a
-            # server that ends the stream on its own may not have read it all.
-            self._clean_end = (self._half_closed is call and receiver in done
-                               and not receiver.cancelled() and receiver.exception() is None)
-            self._replay_window()
-        if reconnect in done or self._clean_end:
-            return
+            server_ok = (receiver in done and not receiver.cancelled()
+                         and receiver.exception() is None)
+            ended = self.delivery.stream_ended(server_ok, time.monotonic(), self.queue.pending())
+            self._settle(ended)
+        if ended.confirmed or reconnect in done:
+            return ended, None
         for task in done:
-            if task.cancelled():
-                raise StreamClosed("stream cancelled")
-            exc = task.exception()
+            exc = StreamClosed("stream cancelled") if task.cancelled() else task.exception()
             if exc is not None:
-                raise exc
-        raise StreamClosed("server closed the stream")
+                return ended, exc
+        return ended, StreamClosed("server closed the stream")
+
+    def _settle(self, ended):
+        for action in ended.requeue:
+            self.queue.requeue(action.batch)
+        requeued = sum(len(a.batch) for a in ended.requeue) - ended.replayed
+        if requeued:
+            self.metrics.inc("transport_requeued_records", requeued)
+        if ended.replayed:
+            self.metrics.inc("transport_replayed_records", ended.replayed)
 
     async def _send_loop(self, call):
         s = self.settings
         q = self.queue
+        d = self.delivery
         while True:
-            await q.wait_ready(s.flush_delay, s.batch_max_records, s.batch_max_bytes)
+            action = d.next_send(q.pending())
+            if action is IDLE:
+                # Half-closed: only the server's end is left to wait for.
+                await asyncio.get_running_loop().create_future()
+            if action is HALF_CLOSE:
+                await call.done_writing()
+                d.half_close_sent()
+                continue
+            if not q.pending():
+                await self._records_or_drain()
+                continue
+            delay = s.flush_delay if action.delay is None else action.delay
+            await q.wait_ready(delay, s.batch_max_records, s.batch_max_bytes)
             batch = q.take_batch(s.batch_max_records, s.batch_max_bytes)
             if not batch:
                 continue
             message = wire.packaged_data(batch, self.header())
-            written = False
-            self._writing = True
-            try:
-                await call.write(message)
-                written = True
-            finally:
-                self._writing = False
-                if not written:
-                    q.requeue(batch)
-                    self.metrics.inc("transport_requeued_records", len(batch))
+            d.batch_taken(batch)
+            await call.write(message)
+            d.written(len(message), time.monotonic())
             self.stats.sent(len(message), len(batch))
-            self._remember(batch, len(message))
 
-    def _remember(self, batch, nbytes):
-        now = time.monotonic()
-        w = self._window
-        w.append((now, batch, nbytes))
-        self._window_bytes += nbytes
-        horizon = now - self.settings.replay_seconds
-        while w and (self._window_bytes > self.settings.replay_max_bytes or w[0][0] < horizon):
-            self._window_bytes -= w.popleft()[2]
-
-    def _replay_window(self):
-        """Requeue what may have been in flight when the stream ended,
-        unless the server ended it cleanly (it has read everything)."""
-        w, self._window = self._window, deque()
-        self._window_bytes = 0
-        if self._clean_end or not w:
+    async def _records_or_drain(self):
+        """Wait for the first record, or for a drain request (the drain must
+        half-close even if nothing arrives)."""
+        if self._drain.is_set():
             return
-        records = [body for _t, batch, _n in w for body in batch]
-        self.queue.requeue(records)
-        self.metrics.inc("transport_replayed_records", len(records))
+        ready = asyncio.ensure_future(self.queue.wait_ready(0, 1, 1))
+        drain = asyncio.ensure_future(self._drain.wait())
+        try:
+            await asyncio.wait((ready, drain), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            drain.cancel()
+            await asyncio.gather(ready, drain, return_exceptions=True)
 
     async def _recv_loop(self, call):
         while True:
@@ -340,3 +371,12 @@ class Transport:
                 return
             self.stats.received(len(raw))
             self.on_command(raw)
+
+
+async def _close_quietly(channel):
+    if channel is None:
+        return
+    try:
+        await channel.close(grace=None)
+    except Exception:  # closing a broken channel can raise; it is gone either way
+        pass

@@ -29,6 +29,7 @@ import stat
 import grpc
 
 from . import endpoints
+from .channel import COMPRESSION, identity
 from .. import wire
 from ..errors import ServerFault
 
@@ -39,11 +40,6 @@ MAX_CHUNK = 500 * 1024
 CHUNK_INTERVAL = 1.0
 MAX_CHUNKS = 600
 GRACE = 60.0
-_COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
-
-
-def _identity(b):
-    return b
 
 
 class UploadPlan:
@@ -88,8 +84,8 @@ class Uploader:
         channel = t.channel
         if channel is None:
             raise ServerFault("no connection available", token)
-        method = channel.stream_unary(UPLOAD, request_serializer=_identity,
-                                      response_deserializer=_identity)
+        method = channel.stream_unary(UPLOAD, request_serializer=identity,
+                                      response_deserializer=identity)
         compression = endpoints.compression_for(t.settings.compression, t.net_mode)
         token_field = wire.len_field(1, token.encode("utf-8")) if token else b""
         loop = asyncio.get_running_loop()
@@ -112,7 +108,7 @@ class Uploader:
         # The call runs as a task of its own: when the channel closes under
         # it, grpc cancels it, which must read as a failed upload, not as
         # this coroutine being cancelled.
-        call = asyncio.ensure_future(method(requests(), compression=_COMPRESSION[compression]))
+        call = asyncio.ensure_future(method(requests(), compression=COMPRESSION[compression]))
         try:
             done, _ = await asyncio.wait({call}, timeout=plan.timeout)
         finally:

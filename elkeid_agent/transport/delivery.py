@@ -1,0 +1,138 @@
+"""The delivery rules of the Transfer stream, without I/O.
+
+Elkeid's stream has no acknowledgements, so the only receipt the agent ever
+gets is the server ending the call cleanly after the agent half-closed it.
+This object owns what follows from that: which batch is being written, the
+replay window of batches written recently (a message grpc accepted may still
+be in socket buffers when the stream breaks), what goes back to the queue
+when a write fails or a stream ends, and the shutdown drain (send what is
+queued, records queued meanwhile included, then half-close once and wait for
+the server's end). ``stream.Transport`` is the shell: it feeds events in
+(``batch_taken``, ``written``, ``write_failed``, ``stream_ended``,
+``drain_requested``) and performs the actions it gets back; nothing here
+touches a socket, a clock or the queue, so every rule is tested without them.
+
+Requeued batches are handed back as the objects the queue gave out, one
+``Requeue`` per batch and newest first (``RecordQueue.requeue`` pushes to the
+front, so the oldest ends up first), never flattened into one list: a batch
+may carry more than its records (how many of them were HIGH priority).
+"""
+
+from collections import deque, namedtuple
+
+# Actions for the shell.
+Requeue = namedtuple("Requeue", "batch")       # queue.requeue(batch)
+Take = namedtuple("Take", "delay")             # wait for records (batching delay), take a batch
+HalfClose = namedtuple("HalfClose", "")        # call.done_writing(), once
+Idle = namedtuple("Idle", "")                  # nothing more to write on this stream
+# How a stream ended: the batches to requeue (newest first), how many records
+# of them are replays of written batches, whether the server confirmed
+# receipt, and what the connect loop should do next.
+Ended = namedtuple("Ended", "requeue replayed confirmed next")
+
+# Ended.next values.
+REDIAL = "redial"          # after the reconnect delay
+REDIAL_NOW = "redial_now"  # draining and records are left: no delay
+FINISHED = "finished"      # drain complete: everything queued was confirmed
+
+HALF_CLOSE = HalfClose()
+IDLE = Idle()
+
+
+class Delivery:
+    def __init__(self, replay_seconds, replay_max_bytes):
+        self.replay_seconds = replay_seconds
+        self.replay_max_bytes = replay_max_bytes
+        self._window = deque()  # (written_at, batch, nbytes) on the current stream
+        self._window_bytes = 0
+        self._in_flight = None  # taken, write outcome unknown
+        self.draining = False
+        self.half_closed = False  # on the current stream
+        self.finished = False     # the drain completed
+
+    # ------------------------------------------------------------ sending
+
+    def stream_started(self):
+        self.half_closed = False
+
+    def next_send(self, pending):
+        """What the send loop does next, with ``pending`` records queued."""
+        if self.half_closed:
+            return IDLE
+        if self.draining:
+            # No batching delay while draining: every millisecond spent
+            # waiting comes out of the shutdown budget.
+            return HALF_CLOSE if pending == 0 else Take(0.0)
+        return Take(None)
+
+    def batch_taken(self, batch):
+        if self.half_closed:
+            raise RuntimeError("batch taken after the half-close")
+        self._in_flight = batch
+
+    def written(self, nbytes, now):
+        batch, self._in_flight = self._in_flight, None
+        self._window.append((now, batch, nbytes))
+        self._window_bytes += nbytes
+        self._trim(now)
+
+    def write_failed(self):
+        """The write did not complete: the batch goes back first."""
+        batch, self._in_flight = self._in_flight, None
+        return [] if batch is None else [Requeue(batch)]
+
+    def half_close_sent(self):
+        self.half_closed = True
+
+    @property
+    def writing(self):
+        return self._in_flight is not None
+
+    @property
+    def unconfirmed(self):
+        """Batches written on this stream that would replay if it broke."""
+        return len(self._window)
+
+    # ------------------------------------------------------------ ending
+
+    def stream_ended(self, server_ok, now, pending):
+        """The stream is over. ``server_ok``: the server ended it with OK;
+        only after our half-close is that a receipt for everything written
+        (a server that ends a stream on its own may not have read it all).
+        ``pending``: records still queued, before the requeue."""
+        requeue = self.write_failed()
+        confirmed = server_ok and self.half_closed
+        self._trim(now)  # aged entries are no longer at risk, whatever the last write was
+        window, self._window = self._window, deque()
+        self._window_bytes = 0
+        replayed = 0
+        if not confirmed:
+            for _t, batch, _n in reversed(window):
+                requeue.append(Requeue(batch))
+                replayed += len(batch)
+        self.half_closed = False
+        left = pending + sum(len(a.batch) for a in requeue)
+        if self.draining and confirmed and not left:
+            self.finished = True
+            nxt = FINISHED
+        elif self.draining:
+            nxt = REDIAL_NOW
+        else:
+            nxt = REDIAL
+        return Ended(requeue, replayed, confirmed, nxt)
+
+    def drain_requested(self):
+        self.draining = True
+
+    def nothing_to_deliver(self, pending, streaming):
+        """Draining with no stream open and nothing queued: done (a stream's
+        window is settled when it ends, so nothing is unconfirmed)."""
+        if self.draining and not streaming and not pending and self._in_flight is None:
+            self.finished = True
+        return self.finished
+
+    def _trim(self, now):
+        w = self._window
+        horizon = now - self.replay_seconds
+        while w and (self._window_bytes > self.replay_max_bytes or w[0][0] < horizon):
+            self._window_bytes -= w.popleft()[2]
