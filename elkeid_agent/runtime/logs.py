@@ -5,7 +5,7 @@ Owns three things:
 * ``setup_logging``: JSON lines (the Go agent's zap layout: ``level``,
   ``timestamp``, ``source``, ``msg`` plus structured fields) written to
   ``<workdir>/log/elkeid-agent.log``, rotated by size with gzip-compressed
-  backups ``elkeid-agent.log.1.gz`` .. ``.N.gz`` (PROTOCOL.md section 7: 1 MB,
+  backups ``elkeid-agent.log.1.gz`` .. ``.N.gz`` (docs/protocol.md section 7: 1 MB,
   10 backups, gzip).
 * ``RemoteLogHandler``: error-level lines become DataType 1010 records for
   AgentCenter, rate-limited so a log storm cannot crowd out security data.
@@ -143,13 +143,30 @@ def _field_text(value):
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "%.8f" % value  # PROTOCOL.md section 4: floats like "%.8f"
+        return "%.8f" % value  # docs/protocol.md section 4: floats like "%.8f"
     if isinstance(value, (dict, list, tuple)):
         try:
             return json.dumps(value, default=str, ensure_ascii=False)
         except Exception:
             return str(value)
     return str(value)
+
+
+class ConciseFormatter(logging.Formatter):
+    """``LEVEL message``: what stderr (the journal under systemd) gets. One
+    line per record: no fields, no traceback (the file log has both)."""
+
+    def format(self, record):
+        text = _safe_message(record).replace("\r", " ").replace("\n", " ")
+        return "%s %s" % (level_name(record.levelno).upper(), text)
+
+
+def for_console(record):
+    """The curated stderr set: lines logged with ``extra={"console": True}``
+    (start, connect, disconnect, dial diagnosis, plugin start/exit/backoff)
+    and anything critical. Per-record and per-batch lines never carry the
+    mark, so nothing here can flood the journal."""
+    return bool(getattr(record, "console", False)) or record.levelno >= logging.CRITICAL
 
 
 # ------------------------------------------------------------ file logging
@@ -236,10 +253,23 @@ class LogHandles:
         self.logger.setLevel(self._previous_level)
 
 
+def concise_console_handler(stream=None, level=logging.INFO):
+    """The stderr handler of ``elkeid-agent run``: the curated lines only
+    (``for_console``), formatted by ConciseFormatter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(ConciseFormatter())
+    handler.setLevel(level)
+    handler.addFilter(for_console)
+    return handler
+
+
 def setup_logging(workdir, metrics, max_bytes=1024 * 1024, backups=10,
                   level=logging.INFO, console=False, logger_name=""):
     """Send log records of ``logger_name`` (root by default, so grpc's and
     asyncio's warnings are kept too) to the rotating JSON file.
+
+    ``console``: False, True (every line, ConsoleFormatter) or "concise"
+    (the curated lines of ``concise_console_handler``).
 
     Raises LocalFault when the log directory or file cannot be written; the
     caller decides what to do (the agent falls back to stderr)."""
@@ -265,7 +295,10 @@ def setup_logging(workdir, metrics, max_bytes=1024 * 1024, backups=10,
     previous = logger.level
     logger.addHandler(file_handler)
     console_handler = None
-    if console:
+    if console == "concise":
+        console_handler = concise_console_handler(level=level)
+        logger.addHandler(console_handler)
+    elif console:
         console_handler = logging.StreamHandler(sys.stderr)
         console_handler.setFormatter(ConsoleFormatter())
         console_handler.setLevel(level)

@@ -105,6 +105,9 @@ class Transport:
         self._writing = False  # a batch is between take_batch and write()
         self._clean_end = False  # the last stream ended with the server's OK
         self._half_closed = None  # the call we half-closed (only then is OK a receipt)
+        # Optional ``async diagnose(address, net_mode, error)`` run after a
+        # failed dial (transport/diagnose.py); it must not raise.
+        self.diagnose = None
         self._backoff = endpoints.Backoff(settings.reconnect_delay, settings.reconnect_max_delay)
         metrics.set("transport_connected", lambda: 1 if self._call is not None else 0)
         metrics.describe("transport_connect_failures", "dial attempts that failed, by net_mode")
@@ -201,7 +204,8 @@ class Transport:
             except Exception as e:
                 self.metrics.inc("transport_stream_errors")
                 log.warning("transfer stream lost (%s: %s); reconnecting in %.1f s",
-                            type(e).__name__, short_error(e), self.settings.reconnect_delay)
+                            type(e).__name__, short_error(e), self.settings.reconnect_delay,
+                            extra={"console": True})
             await self._close_channel()
             if self._reconnect.is_set():
                 self._reconnect.clear()
@@ -237,11 +241,13 @@ class Transport:
                 self.metrics.inc("transport_connect_failures", net_mode=net_mode)
                 log.warning("dial %s (%s) failed: %s", address, net_mode, short_error(e))
                 await channel.close()
+                if self.diagnose is not None:
+                    await self.diagnose(address, net_mode, short_error(e))
                 continue
             self.channel = channel
             self.net_mode = net_mode
             self.connected_to = address
-            log.info("connected to %s (net_mode %s)", address, net_mode)
+            log.info("connected to %s (%s)", address, net_mode, extra={"console": True})
             return True
         return False
 
