@@ -1,16 +1,22 @@
 """The agent process: wires every component onto one asyncio loop.
 
-Data path: plugins and the agent's own producers put serialized
+Data path (README.md "Where a record goes"): plugins and the agent's own
+producers put serialized
 Records into ``RecordQueue``; ``Transport`` drains it onto the Transfer
 stream; Commands come back through ``commands.Dispatcher`` to the agent
 tasks, the plugin supervisor and (later) the updater. Timers drive the
 heartbeat and the systemd watchdog; after a stall they fire once and carry
-on from then (runtime/ticker.py) instead of making up every missed tick. Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint,
-SIGUSR2 release memory.
+on from then (runtime/ticker.py) instead of making up every missed tick.
+Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint, SIGUSR2
+release memory.
 
-Start-up never gives up on a host problem it can survive: an unwritable
-workdir or log directory marks the agent abnormal and it keeps reporting,
-because a silent agent is worse than a degraded one.
+Start-up refuses, within seconds and with one line naming the file or
+setting, what can never work: a workdir that cannot be created or written,
+no endpoint for the region, TLS files that are unreadable, not PEM or a key
+that is not the certificate's. Every other host problem it can survive (an
+unwritable log, tmp or plugin directory, an unsaved machine-id) marks the
+agent abnormal and it keeps reporting, because a silent agent is worse than
+a degraded one.
 """
 
 import asyncio
@@ -34,6 +40,8 @@ from .runtime.executors import Executors
 from .runtime.tasks import TaskOwner
 from .runtime.ticker import Ticker
 from .state import AgentState
+from .transport.channel import check_tls_files
+from .transport.diagnose import DialDiagnosis
 from .transport.stream import Transport
 
 log = logging.getLogger(__name__)
@@ -69,7 +77,10 @@ class Agent:
     # ------------------------------------------------------------ start-up
 
     def _prepare_workdir(self):
-        """Create the Elkeid layout; report (not raise) what cannot be made."""
+        """Create the Elkeid layout. The workdir itself must be a writable
+        directory (the agent id, specified_env and plugins live there):
+        LocalFault otherwise. A subdirectory that cannot be made is
+        reported, not raised."""
         wd = self.settings.workdir
         for sub in ("", "log", "tmp", "plugin"):
             path = os.path.join(wd, sub)
@@ -78,6 +89,9 @@ class Agent:
                 if not os.access(path, os.W_OK | os.X_OK):
                     raise PermissionError(13, "Permission denied")
             except OSError as e:
+                if not sub:
+                    raise LocalFault("workdir %s is unusable: %s (--workdir / ELKEID_WORKDIR)"
+                                     % (wd, e.strerror or e)) from None
                 self.state.set_abnormal("workdir:" + sub,
                                        "workdir %s not writable: %s" % (path, e.strerror))
 
@@ -85,7 +99,7 @@ class Agent:
         try:
             self.log_handles = logs.setup_logging(
                 self.settings.workdir, self.metrics, max_bytes=self.settings.log_max_bytes,
-                backups=self.settings.log_backups, console=sys.stderr.isatty())
+                backups=self.settings.log_backups, console="concise")
         except LocalFault as e:
             # Fall back to stderr (journald captures it under systemd).
             logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -128,6 +142,11 @@ class Agent:
         for lineno, problem in s.env_file_problems:
             log.error("specified_env line %d ignored: %s", lineno, problem)
             self.metrics.inc("settings_bad_lines")
+        if not s.endpoints.ordered():
+            raise LocalFault("no AgentCenter endpoint configured for region %r (--server, "
+                             "--service-discovery, --public-server or ELKEID_SERVER...)"
+                             % s.region)
+        check_tls_files(s)
         if s.service_type == "sysvinit":
             from .runtime.pidlock import PidLock
             self.pidlock = PidLock(s.pidfile)
@@ -140,11 +159,12 @@ class Agent:
             self.agent_id = identity.agent_id(s.workdir, override=s.agent_id, persist=False)
         self.refresh_host()
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
-                 __version__, self.agent_id, s.workdir, s.region)
+                 __version__, self.agent_id, s.workdir, s.region, extra={"console": True})
 
         self.plugins = self._make_plugin_host()
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
                                    self.metrics, executors=self.executors)
+        self.transport.diagnose = DialDiagnosis(s, self.metrics, self.executors)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown, self.executors, owner=self.owner)
         if self.plugins is not None:
@@ -272,7 +292,10 @@ async def _main(settings):
     try:
         await agent.start()
     except AgentError as e:
+        if agent.log_handles is not None:  # else stderr is the log: one line there
+            log.error("start-up refused: %s", e)
         print("elkeid-agent: %s" % e, file=sys.stderr)
+        agent.executors.close()
         return EXIT_FAILURE
     await agent.wait()
     await agent.shutdown()

@@ -21,23 +21,58 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_parser():
+    from .settings import Settings
+    d = Settings()
     p = _Parser(prog="elkeid-agent", description="Elkeid host agent (Python).")
     p.add_argument("--version", action="version", version="%s %s" % (PRODUCT, __version__))
     sub = p.add_subparsers(dest="command", metavar="{run,ctl}")
-    run = sub.add_parser("run", help="run the agent in the foreground")
-    run.add_argument("--workdir", help="working directory (default /etc/elkeid)")
-    run.add_argument("--server", metavar="HOST:PORT", help="private AgentCenter endpoint")
-    run.add_argument("--service-discovery", metavar="HOST:PORT", help="service discovery endpoint")
-    run.add_argument("--public-server", metavar="HOST:PORT", help="public AgentCenter endpoint")
-    run.add_argument("--ca", metavar="FILE")
-    run.add_argument("--cert", metavar="FILE")
-    run.add_argument("--key", metavar="FILE")
-    run.add_argument("--server-name", metavar="NAME", help="name the server certificate must carry")
-    run.add_argument("--agent-id", metavar="ID", help="overrides SPECIFIED_AGENT_ID")
-    run.add_argument("--heartbeat-interval", metavar="SECONDS")
-    run.add_argument("--compression", metavar="none|gzip|auto")
+    run = sub.add_parser(
+        "run", help="run the agent in the foreground",
+        description="Run the agent in the foreground. Every flag overrides its environment "
+                    "variable, which overrides <workdir>/specified_env.")
+    run.add_argument("--workdir", metavar="DIR",
+                     help="working directory, $ELKEID_WORKDIR (default: %s)" % d.workdir)
+    run.add_argument("--server", metavar="HOST:PORT",
+                     help="private AgentCenter endpoint, $ELKEID_SERVER (default: none)")
+    run.add_argument("--service-discovery", metavar="HOST:PORT",
+                     help="service discovery endpoint, $ELKEID_SERVICE_DISCOVERY "
+                          "(default: none)")
+    run.add_argument("--public-server", metavar="HOST:PORT",
+                     help="public AgentCenter endpoint, $ELKEID_PUBLIC_SERVER (default: none)")
+    for flag, what, default in (("--ca", "CA certificate the server's must chain to", d.ca),
+                                ("--cert", "client certificate", d.cert),
+                                ("--key", "client private key (unencrypted PEM)", d.key)):
+        run.add_argument(flag, metavar="FILE",
+                         help="%s, relative to the current directory; $ELKEID_%s (relative "
+                              "to the workdir) (default: <workdir>/%s)"
+                              % (what, flag[2:].upper(), default))
+    run.add_argument("--server-name", metavar="NAME",
+                     help="name the server certificate must carry, $ELKEID_SERVER_NAME "
+                          "(default: %s)" % d.server_name)
+    run.add_argument("--agent-id", metavar="ID",
+                     help="agent id, $SPECIFIED_AGENT_ID (default: derived from the host, "
+                          "saved in <workdir>/machine-id)")
+    run.add_argument("--heartbeat-interval", metavar="SECONDS",
+                     help="seconds between heartbeats, $ELKEID_HEARTBEAT_INTERVAL "
+                          "(default: %g)" % d.heartbeat_interval)
+    run.add_argument("--compression", metavar="none|gzip|auto",
+                     help="message compression, $ELKEID_COMPRESSION; auto: gzip only on the "
+                          "public endpoint (default: %s)" % d.compression)
+    run.add_argument("--dial-timeout", metavar="SECONDS",
+                     help="give up one connection attempt after this long, "
+                          "$ELKEID_DIAL_TIMEOUT (default: %g)" % d.dial_timeout)
     sub.add_parser("ctl", help="service control (same as elkeidctl)", add_help=False)
     return p
+
+
+def _cwd_paths(cli):
+    """A TLS path typed on the command line means what the shell means:
+    relative to the current directory (the workdir resolves the
+    environment's and specified_env's, as the Go agent does)."""
+    for name in ("ca", "cert", "key"):
+        if cli.get(name):
+            cli[name] = os.path.abspath(cli[name])
+    return cli
 
 
 def main(argv=None):
@@ -50,12 +85,17 @@ def main(argv=None):
     if args.command != "run":
         _run_parser().print_help(sys.stderr)
         return EXIT_USAGE
-    cli = {k: v for k, v in vars(args).items() if k != "command"}
+    cli = _cwd_paths({k: v for k, v in vars(args).items() if k != "command"})
     # The agent never forks to keep running (plugins start with posix_spawn),
     # so gRPC's fork handlers can only hurt: their child side aborts when a
     # stream is busy, and recent grpcio enables them by default. Read once,
     # when grpc is imported; a user's explicit setting wins.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    # gRPC's C core writes its own lines to stderr (handshake failures,
+    # address resolution), which would drown the agent's curated ones; the
+    # agent says why a dial failed itself (transport/diagnose.py). Also read
+    # at import; a user who sets GRPC_VERBOSITY gets what they asked for.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from . import settings
     from .app import run_agent
     try:

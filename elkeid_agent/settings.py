@@ -2,7 +2,7 @@
 
 Precedence: CLI flag > environment > ``<workdir>/specified_env`` > default.
 ``specified_env`` is the ``key=value`` file systemd reads as an
-EnvironmentFile and ``elkeidctl set`` writes (PROTOCOL.md section 7); under
+EnvironmentFile and ``elkeidctl set`` writes (docs/protocol.md section 7); under
 systemd its keys also arrive as environment variables, so both spellings
 resolve to the same setting.
 
@@ -30,7 +30,7 @@ _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _REGION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-# Endpoint kinds in the order they are tried (PROTOCOL.md section 5), with
+# Endpoint kinds in the order they are tried (docs/protocol.md section 5), with
 # the net_mode each one reports in the heartbeat.
 ENDPOINT_KINDS = (("service_discovery", "sd"), ("server", "private"),
                   ("public_server", "public"))
@@ -61,7 +61,8 @@ class Settings:
     idc: str = ""
     service_type: str = "systemd"
     agent_id: Optional[str] = None
-    # TLS material; relative paths resolve against the workdir.
+    # TLS material; relative paths resolve against the workdir (the CLI
+    # makes its own absolute against the current directory first).
     ca: str = "cert/ca.crt"
     cert: str = "cert/client.crt"
     key: str = "cert/client.key"
@@ -100,7 +101,7 @@ class Settings:
     debug_port: int = 0  # 0: an ephemeral loopback port when toggled on
     pidfile: str = "/var/run/elkeid-agent.pid"
     # Plugin supervision knobs set by the user (plugins.policy.Policy field
-    # -> value); unset ones keep the Policy defaults (seeds/003).
+    # -> value); unset ones keep the Policy defaults.
     plugin_policy: Dict[str, object] = field(default_factory=dict)
     # Bad lines seen in specified_env: (line number, reason). Reported, never fatal.
     env_file_problems: List[Tuple[int, str]] = field(default_factory=list)
@@ -221,6 +222,8 @@ _SCALARS = {
     "queue_max_bytes": (("ELKEID_QUEUE_MAX_BYTES",),
                         lambda v: _number(v, "queue max bytes", int, 1 << 16, 1 << 34)),
     "debug_port": (("ELKEID_DEBUG_PORT",), lambda v: _number(v, "debug port", int, 0, 65535)),
+    "dial_timeout": (("ELKEID_DIAL_TIMEOUT",),
+                     lambda v: _number(v, "dial timeout", float, 0.1, 600)),
     "reconnect_delay": (("ELKEID_RECONNECT_DELAY",),
                         lambda v: _number(v, "reconnect delay", float, 0.01, 3600)),
     "pidfile": (("ELKEID_PIDFILE",), _text("pid file path", maximum=4096)),

@@ -254,10 +254,13 @@ def test_bad_specified_env_lines_logged_agent_starts(devcenter, start_agent, tmp
     agent.wait_log("specified_env line 1 ignored")
 
 
-def test_unwritable_workdir_reports_abnormal(devcenter, start_agent, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    agent = start_agent("ro-agent", workdir=blocker / "workdir")
+def test_unwritable_log_dir_reports_abnormal(devcenter, start_agent, tmp_path):
+    # An unusable workdir stops start-up (test_first_contact.py); a log
+    # directory that cannot be made only degrades the agent.
+    wd = tmp_path / "ro-workdir"
+    wd.mkdir()
+    (wd / "log").write_text("not a directory")
+    agent = start_agent("ro-agent", workdir=wd)
     rec = heartbeat_of(devcenter, "ro-agent")
     assert rec["fields"]["state"] == "abnormal"
     assert "not writable" in rec["fields"]["state_detail"]

@@ -119,3 +119,20 @@ def test_plugin_policy_settings_reach_the_supervisor_policy(tmp_path):
     # Unset knobs keep the seeds/003 defaults.
     assert Policy.from_overrides(**S.load({}, {}, workdir=str(tmp_path / "x")).plugin_policy) \
         == Policy()
+
+
+def test_dial_timeout_setting(tmp_path):
+    assert S.load({}, {}, workdir=str(tmp_path)).dial_timeout == 15
+    assert S.load({}, {"ELKEID_DIAL_TIMEOUT": "1.5"}, workdir=str(tmp_path)).dial_timeout == 1.5
+    assert S.load({"dial_timeout": "2"}, {}, workdir=str(tmp_path)).dial_timeout == 2
+    with pytest.raises(ConfigError, match="dial timeout must be between"):
+        S.load({}, {"ELKEID_DIAL_TIMEOUT": "0"}, workdir=str(tmp_path))
+
+
+def test_tls_flags_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    from elkeid_agent import cli
+    monkeypatch.chdir(tmp_path)
+    s = S.load(cli._cwd_paths({"ca": "certs/ca.crt", "cert": None}),
+               {"ELKEID_CERT": "mine/client.crt"}, workdir=str(tmp_path / "wd"))
+    assert s.path(s.ca) == str(tmp_path / "certs/ca.crt")
+    assert s.path(s.cert) == str(tmp_path / "wd/mine/client.crt")  # environment: the workdir

@@ -233,7 +233,7 @@ class PluginRunner:
                         break
                     self.sup._clear_reason(self.name)
                     log.info("plugin %s revived by the server's config", self.name,
-                             extra={"plugin": self.name})
+                             extra={"plugin": self.name, "console": True})
                     continue
                 self.state = BACKOFF
                 self.next_start = time.time() + decision.delay
@@ -265,11 +265,11 @@ class PluginRunner:
         if decision.fatal:
             text = "plugin %s is fatal after %d failed runs: %s" % (
                 self.name, decision.failures, reason)
-            log.error(text, extra={"plugin": self.name})
+            log.error(text, extra={"plugin": self.name, "console": True})
         else:
             text = "plugin %s failed (%s); restart %d in %g s" % (
                 self.name, reason, decision.failures, decision.delay)
-            log.warning(text, extra={"plugin": self.name})
+            log.warning(text, extra={"plugin": self.name, "console": True})
         self.sup._set_reason(self.name, text)
 
     # ------------------------------------------------------------ one run
@@ -292,7 +292,7 @@ class PluginRunner:
                                      self.policy.limit_window)
         self.hb_sampler = ProcessSampler(self.pid)
         log.info("plugin %s %s started, pid %d", self.name, self.spec.version, self.pid,
-                 extra={"plugin": self.name})
+                 extra={"plugin": self.name, "console": True})
         end = await self._end
         if end is None:
             await self._terminate(graceful=True)

@@ -154,6 +154,23 @@ def _field_text(value):
     return str(value)
 
 
+class ConciseFormatter(logging.Formatter):
+    """``LEVEL message``: what stderr (the journal under systemd) gets. One
+    line per record: no fields, no traceback (the file log has both)."""
+
+    def format(self, record):
+        text = _safe_message(record).replace("\r", " ").replace("\n", " ")
+        return "%s %s" % (level_name(record.levelno).upper(), text)
+
+
+def for_console(record):
+    """The curated stderr set: lines logged with ``extra={"console": True}``
+    (start, connect, disconnect, dial diagnosis, plugin start/exit/backoff)
+    and anything critical. Per-record and per-batch lines never carry the
+    mark, so nothing here can flood the journal."""
+    return bool(getattr(record, "console", False)) or record.levelno >= logging.CRITICAL
+
+
 # ------------------------------------------------------------ file logging
 
 class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -343,10 +360,23 @@ class LogHandles:
         self.logger.setLevel(self._previous_level)
 
 
+def concise_console_handler(stream=None, level=logging.INFO):
+    """The stderr handler of ``elkeid-agent run``: the curated lines only
+    (``for_console``), formatted by ConciseFormatter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(ConciseFormatter())
+    handler.setLevel(level)
+    handler.addFilter(for_console)
+    return handler
+
+
 def setup_logging(workdir, metrics, max_bytes=1024 * 1024, backups=10,
                   level=logging.INFO, console=False, logger_name=""):
     """Send log records of ``logger_name`` (root by default, so grpc's and
     asyncio's warnings are kept too) to the rotating JSON file.
+
+    ``console``: False, True (every line, ConsoleFormatter) or "concise"
+    (the curated lines of ``concise_console_handler``).
 
     Raises LocalFault when the log directory or file cannot be written; the
     caller decides what to do (the agent falls back to stderr)."""
@@ -372,7 +402,10 @@ def setup_logging(workdir, metrics, max_bytes=1024 * 1024, backups=10,
     previous = logger.level
     logger.addHandler(file_handler)
     console_handler = None
-    if console:
+    if console == "concise":
+        console_handler = concise_console_handler(level=level)
+        logger.addHandler(console_handler)
+    elif console:
         console_handler = logging.StreamHandler(sys.stderr)
         console_handler.setFormatter(ConsoleFormatter())
         console_handler.setLevel(level)

@@ -1,14 +1,19 @@
 """The mutual-TLS channel to AgentCenter: credentials from the TLS files,
 channel arguments (keepalive within AgentCenter's ping policy, message size
-limits, the server name the certificate must carry) and a readiness wait that
-fails fast when the dial is refused.
+limits, the server name the certificate must carry), the start-up check of
+the TLS files and a readiness wait that fails fast when the dial is refused.
 """
 
 import asyncio
+import logging
+import ssl
+import time
 
 import grpc
 
 from ..errors import LocalFault
+
+log = logging.getLogger(__name__)
 
 # AgentCenter refuses messages over 10 MiB.
 MAX_MESSAGE = 10 * 1024 * 1024
@@ -36,6 +41,66 @@ def load_credentials(settings):
     ca, key, cert = material
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                         certificate_chain=cert)
+
+
+def check_tls_files(settings):
+    """Refuse, before any dial, TLS files grpc could only fail on later and
+    silently: unreadable, not PEM, or a key that is not the certificate's.
+    LocalFault naming the file. An expired or not yet valid client
+    certificate is only logged: clocks drift, and the server decides."""
+    paths = {what: settings.path(getattr(settings, what)) for what in ("ca", "cert", "key")}
+    for what, path in paths.items():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise LocalFault("cannot read TLS %s %s: %s (%s)"
+                             % (what, path, e.strerror, _SETTING[what])) from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(paths["ca"])
+    except ssl.SSLError:
+        raise LocalFault("TLS ca %s holds no PEM certificate (%s)"
+                         % (paths["ca"], _SETTING["ca"])) from None
+    try:
+        # Parsing the client certificate as a trust store tells a garbage
+        # certificate from a garbage key, which load_cert_chain does not.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(paths["cert"])
+    except ssl.SSLError:
+        raise LocalFault("TLS cert %s holds no PEM certificate (%s)"
+                         % (paths["cert"], _SETTING["cert"])) from None
+    try:
+        # A passphrase-protected key gets a wrong passphrase, not a prompt.
+        ctx.load_cert_chain(paths["cert"], paths["key"], password=lambda: b"")
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise LocalFault("TLS key %s does not match the certificate %s (%s, %s)"
+                             % (paths["key"], paths["cert"], _SETTING["key"],
+                                _SETTING["cert"])) from None
+        raise LocalFault("TLS key %s is not an unencrypted PEM private key (%s)"
+                         % (paths["key"], _SETTING["key"])) from None
+    _warn_validity(paths["cert"])
+
+
+_SETTING = {"ca": "--ca / ELKEID_CA", "cert": "--cert / ELKEID_CERT",
+            "key": "--key / ELKEID_KEY"}
+
+
+def _warn_validity(path, now=None):
+    try:
+        # Private but long-standing; without it the check is skipped.
+        info = ssl._ssl._test_decode_cert(path)
+        not_before = ssl.cert_time_to_seconds(info["notBefore"])
+        not_after = ssl.cert_time_to_seconds(info["notAfter"])
+    except Exception:
+        return
+    now = time.time() if now is None else now
+    if now > not_after:
+        log.error("TLS cert %s expired on %s: the server will refuse it", path,
+                  info["notAfter"], extra={"console": True})
+    elif now < not_before:
+        log.error("TLS cert %s is not valid before %s (is the clock right?)", path,
+                  info["notBefore"], extra={"console": True})
 
 
 def channel_options(s):

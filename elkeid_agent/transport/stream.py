@@ -110,6 +110,9 @@ class Transport:
         self._drain = asyncio.Event()     # wakes an idle send loop for the drain
         self._finished = asyncio.Event()  # the drain completed
         self._stopped = asyncio.Event()
+        # Optional ``async diagnose(address, net_mode, error)`` run after a
+        # failed dial (transport/diagnose.py); it must not raise.
+        self.diagnose = None
         self._backoff = endpoints.Backoff(settings.reconnect_delay, settings.reconnect_max_delay)
         metrics.set("transport_connected", lambda: 1 if self._call is not None else 0)
         metrics.describe("transport_connect_failures", "dial attempts that failed, by net_mode")
@@ -216,7 +219,7 @@ class Transport:
             if problem is not None:
                 self.metrics.inc("transport_stream_errors")
                 log.warning("transfer stream lost (%s: %s); reconnecting", type(problem).__name__,
-                            short_error(problem))
+                            short_error(problem), extra={"console": True})
             if ended.next == FINISHED:
                 self._finished.set()
                 await self._stopped.wait()
@@ -262,11 +265,13 @@ class Transport:
                 self.metrics.inc("transport_connect_failures", net_mode=net_mode)
                 log.warning("dial %s (%s) failed: %s", address, net_mode, short_error(e))
                 await _close_quietly(channel)
+                if self.diagnose is not None:
+                    await self.diagnose(address, net_mode, short_error(e))
                 continue
             self.channel = channel
             self.net_mode = net_mode
             self.connected_to = address
-            log.info("connected to %s (net_mode %s)", address, net_mode)
+            log.info("connected to %s (%s)", address, net_mode, extra={"console": True})
             return True
         return False
 
