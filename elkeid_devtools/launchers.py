@@ -221,20 +221,19 @@ class AgentProc:
         with open(path) as f:
             return f.read().strip()
 
-    def log_text(self):
+    def log_text(self, stderr=True):
+        """The file log, then (unless ``stderr=False``) stderr, which repeats
+        the operator lines of the file log: count lines with stderr=False."""
+        paths = [os.path.join(self.workdir, "log/elkeid-agent.log")]
+        if stderr:
+            paths.append(self.stderr_path)
         parts = []
-        for name in ("log/elkeid-agent.log",):
+        for path in paths:
             try:
-                with open(os.path.join(self.workdir, name), encoding="utf-8",
-                          errors="replace") as f:
+                with open(path, encoding="utf-8", errors="replace") as f:
                     parts.append(f.read())
             except OSError:
                 pass
-        try:
-            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-                parts.append(f.read())
-        except OSError:
-            pass
         return "\n".join(parts)
 
     def wait_log(self, needle, timeout=20):

@@ -33,6 +33,7 @@ class RawServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.hits += 1  # before answering: the client may move on at once
             with conn:
                 try:
                     conn.settimeout(5)
@@ -40,7 +41,6 @@ class RawServer:
                     conn.sendall(self.reply)
                 except OSError:
                     pass
-            self.hits += 1
 
     def close(self):
         self.sock.close()
