@@ -5,7 +5,7 @@ Everything here touches the host; the plugin supervisor reaches it only
 through a ``ProcessEffects`` instance so tests can substitute a recorder and a
 reviewer can audit, in one file, what the agent does to processes.
 
-How a plugin is started (PROTOCOL.md section 1), without ``fork()``:
+How a plugin is started (docs/protocol.md section 1), without ``fork()``:
 - ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)``) with file
   actions putting /dev/null on stdin/stdout, the ``<name>.stderr`` file on
   stderr and the pipe ends on fds 3, 4 and 5; its own process group
