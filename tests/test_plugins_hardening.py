@@ -332,3 +332,29 @@ def test_the_runner_moves_through_the_lifecycle_table(tmp_path):
         await rig.sup.shutdown()
 
     run(main())
+
+
+def test_a_burst_of_downloads_uses_every_download_thread(tmp_path):
+    """Jobs submitted faster than an idle worker wakes still get their own
+    threads (else one blocked download would hold up all the others)."""
+    from elkeid_agent.runtime.executors import Executors
+
+    async def main():
+        ex = Executors(kinds={"download": (4, 64)})
+        await ex.run("download", lambda: None)   # one idle worker now exists
+        release = threading.Event()
+        started = []
+
+        def blocked(i):
+            started.append(i)
+            release.wait(60)
+
+        jobs = [asyncio.ensure_future(ex.run("download", blocked, i)) for i in range(8)]
+        try:
+            await wait_until(lambda: len(started) >= 4, timeout=30, what="4 jobs running")
+        finally:
+            release.set()
+        await asyncio.gather(*jobs)
+        ex.close()
+
+    run(main())
