@@ -233,70 +233,16 @@ class Blackhole:
             c.close()
 
 
-class Proxy:
-    """A loopback TCP relay to ``target`` whose connections the test can cut."""
-
-    def __init__(self, target):
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
-            self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self):
-        for s in list(self.conns):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.conns.clear()
-
-    def close(self):
-        self.sock.close()
-        self.cut()
-
-
 def test_hanging_downloads_stall_neither_restarts_nor_reconnects(devcenter, start_agent, server):
     """40 plugins whose URL accepts and never answers (more than any default
     executor has threads): meanwhile a crashing plugin keeps being restarted
-    and a cut stream is redialled through service discovery."""
-    hole, proxy = Blackhole(), Proxy(devcenter.grpc)
+    and a stream the server closes is redialled through service discovery."""
+    hole = Blackhole()
+    host, port = devcenter.grpc.rsplit(":", 1)
     sd = json.dumps({"code": 0, "msg": "ok", "data": [
-        {"ip": "127.0.0.1", "port": proxy.port, "weight": 1}]}).encode()
-    server.add("/registry/detail?name=hids_svr_grpc&count=10", sd)
+        {"ip": host, "port": int(port), "weight": 1}]}).encode()
+    sd_path = "/registry/detail?name=hids_svr_grpc&count=10"
+    server.add(sd_path, sd)
     try:
         start_agent("e2e-stall", "--service-discovery", "127.0.0.1:%d" % server.port,
                     *devcenter.cert_args, server=False,
@@ -321,12 +267,13 @@ def test_hanging_downloads_stall_neither_restarts_nor_reconnects(devcenter, star
         wait_until(lambda: restarts() >= seen + 5, timeout=45,
                    what="restarts while the downloads hang")
         # Cut the stream: the agent asks service discovery again and redials.
-        accepted = proxy.accepted
+        lookups = server.hits.count(sd_path)
+        status, body = devcenter.request("POST", "/conn/reset", {"agent_id": "e2e-stall"})
+        assert status == 200, body
         marker = devcenter.records(1000, agent_id="e2e-stall")[-1]["id"]
-        proxy.cut()
-        wait_until(lambda: proxy.accepted > accepted, timeout=45, what="a new connection")
+        wait_until(lambda: server.hits.count(sd_path) > lookups, timeout=45,
+                   what="a new service-discovery lookup")
         devcenter.wait_records(1000, lambda r: r["id"] > marker, agent_id="e2e-stall",
                                timeout=45)
     finally:
         hole.close()
-        proxy.close()
