@@ -12,8 +12,10 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 import tarfile
+import threading
 
 import pytest
 
@@ -181,3 +183,97 @@ def test_supervision_settings_from_the_environment_reach_the_plugins(devcenter, 
                                 and r["fields"].get("state") == "fatal",
                                 agent_id="e2e-policy")[-1]
     assert int(hb["fields"]["restarts"]) == 1
+
+
+# ------------------------------------------------------------------ local faults, stalls
+
+def test_a_configs_list_does_not_erase_a_local_fault(devcenter, start_agent, server, tmp_path):
+    """An unwritable log directory is the host's problem: the heartbeats
+    after a configs list still report it (Elkeid's reset would erase it)."""
+    workdir = tmp_path / "agent-e2e-localfault"
+    workdir.mkdir()
+    (workdir / "log").write_text("a file where the log directory should be\n")
+    start_agent("e2e-localfault", workdir=workdir)
+    devcenter.wait_agent("e2e-localfault")
+    before = devcenter.wait_records(
+        1000, lambda r: r["fields"].get("state") == "abnormal", agent_id="e2e-localfault")[-1]
+    faults = json.loads(before["fields"]["state_detail"])
+    assert any(str(workdir / "log") in f for f in faults)
+    send(devcenter, "e2e-localfault", [plugin_config(server, "probe", "sdk_probe.py")])
+    listed = devcenter.wait_records(1001, lambda r: r["fields"].get("name") == "probe",
+                                    agent_id="e2e-localfault")[0]
+    after = devcenter.wait_records(1000, lambda r: r["id"] > listed["id"],
+                                   agent_id="e2e-localfault")[0]
+    assert after["fields"]["state"] == "abnormal"
+    assert set(faults) <= set(json.loads(after["fields"]["state_detail"]))
+
+
+class Blackhole:
+    """A loopback listener that accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+def test_hanging_downloads_stall_neither_restarts_nor_reconnects(devcenter, start_agent, server):
+    """40 plugins whose URL accepts and never answers (more than any default
+    executor has threads): meanwhile a crashing plugin keeps being restarted
+    and a stream the server closes is redialled through service discovery."""
+    hole = Blackhole()
+    host, port = devcenter.grpc.rsplit(":", 1)
+    sd = json.dumps({"code": 0, "msg": "ok", "data": [
+        {"ip": host, "port": int(port), "weight": 1}]}).encode()
+    sd_path = "/registry/detail?name=hids_svr_grpc&count=10"
+    server.add(sd_path, sd)
+    try:
+        start_agent("e2e-stall", "--service-discovery", "127.0.0.1:%d" % server.port,
+                    *devcenter.cert_args, server=False,
+                    env={"ELKEID_PLUGIN_BACKOFF": "0.3", "ELKEID_PLUGIN_MAX_FAILURES": "100000"})
+        devcenter.wait_agent("e2e-stall")
+        crash = plugin_config(server, "crash", "exit_at_once.py")
+        send(devcenter, "e2e-stall", [crash])
+
+        def restarts():
+            recs = devcenter.records(1001, agent_id="e2e-stall")
+            counts = [int(r["fields"]["restarts"]) for r in recs
+                      if r["fields"].get("name") == "crash"]
+            return max(counts) if counts else -1
+
+        wait_until(lambda: restarts() >= 1, timeout=60, what="crash plugin restarting")
+        stalled = [dict(plugin_config(server, "hang%02d" % i, "sdk_probe.py"),
+                        download_url=["http://127.0.0.1:%d/p%d.tgz" % (hole.port, i)])
+                   for i in range(40)]
+        send(devcenter, "e2e-stall", [crash] + stalled)
+        wait_until(lambda: len(hole.held) >= 4, timeout=60, what="downloads to hang")
+        seen = restarts()
+        wait_until(lambda: restarts() >= seen + 5, timeout=45,
+                   what="restarts while the downloads hang")
+        # Cut the stream: the agent asks service discovery again and redials.
+        lookups = server.hits.count(sd_path)
+        status, body = devcenter.request("POST", "/conn/reset", {"agent_id": "e2e-stall"})
+        assert status == 200, body
+        marker = devcenter.records(1000, agent_id="e2e-stall")[-1]["id"]
+        wait_until(lambda: server.hits.count(sd_path) > lookups, timeout=45,
+                   what="a new service-discovery lookup")
+        devcenter.wait_records(1000, lambda r: r["id"] > marker, agent_id="e2e-stall",
+                               timeout=45)
+    finally:
+        hole.close()

@@ -361,3 +361,32 @@ def test_clean_stale_removes_only_staging_leftovers(root):
     open(os.path.join(root, ".p.pgid"), "w").close()
     assert fetch.clean_stale(root) == [".p.fetch-0011aabb"]
     assert sorted(os.listdir(root)) == [".p.pgid", "p"]
+
+
+def _bad_status_line(handler):
+    handler.wfile.write(b"this is no status line\r\n\r\n")
+    handler.close_connection = True
+
+
+def _truncated_chunks(handler):
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"zz-not-a-chunk-size\r\n")
+    handler.close_connection = True
+
+
+def test_bad_http_answers_are_one_url_failing_and_the_next_is_tried(root, server):
+    """BadStatusLine at open and IncompleteRead while reading are
+    http.client.HTTPException, not OSError: each is that URL's failure."""
+    bad = [server.add("/status", _bad_status_line), server.add("/chunks", _truncated_chunks)]
+    good = server.add("/good", EXE)
+    staged = fetch.prepare(root, spec(urls=bad + [good], sha=sha256(EXE)), Policy())
+    assert staged.source == good and server.hits == ["/status", "/chunks", "/good"]
+    fetch.discard(staged)
+    with pytest.raises(FetchError) as info:
+        fetch.prepare(root, spec(urls=bad, sha=sha256(EXE)), Policy())
+    msg = str(info.value)
+    assert "/status: bad HTTP answer: BadStatusLine" in msg
+    assert "/chunks: read failed: IncompleteRead" in msg
+    assert listing(root) == []

@@ -71,7 +71,6 @@ def test_plugin_process_layout(tmp_path, monkeypatch, use_pidfd):
         assert stat.S_IMODE(os.stat(info["stderr"]).st_mode) == 0o600
         assert int(info["pdeathsig"]) == signal.SIGKILL
         assert info["high"] == "True"
-        assert int(info["pipe_size"]) == rig.sup.policy.pipe_buffer
         env = json.loads(info["env"])
         assert env["DETAIL"] == '{"k": "v"}'
         assert env["ELKEID_PLUGIN_HIGH_PRIORITY_PIPE"] == "1"
@@ -180,7 +179,9 @@ def test_plugin_that_closed_its_task_pipe(tmp_path):
         rig = Rig(tmp_path)
         await rig.deploy("closer", "closes_tasks.py")
         await rig.wait_record(lambda f: True, data_type=7000)
-        await asyncio.sleep(0.2)  # the transport notices the closed read end by itself
+        # The transport notices the closed read end by itself.
+        await wait_until(lambda: rig.sup._runners["closer"]._task_proto.lost,
+                         what="the closed task pipe to be noticed")
         with pytest.raises(ServerFault) as info:
             rig.sup.send_task(task("closer", token="c-0"))
         assert "closed its task pipe" in str(info.value) and info.value.token == "c-0"
@@ -635,7 +636,7 @@ def test_stderr_is_kept_bounded(tmp_path, caplog):
         path = os.path.join(rig.plugin_dir("chatty"), "chatty.stderr")
         await wait_until(lambda: sum("was truncated" in r.getMessage()
                                      for r in caplog.records) >= 3, what="truncations")
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: os.path.getsize(path) > 0, what="writes after a truncation")
         st = os.stat(path)
         # O_APPEND: the plugin goes on writing at the new end, not at its old
         # offset (which would leave a growing sparse file).
@@ -669,7 +670,7 @@ def test_heartbeat_records(tmp_path):
         assert protocol <= set(probe_hb)
         assert probe_hb["name"] == "probe" and probe_hb["pversion"] == "3.1"
         assert probe_hb["pid"] == info["pid"] and probe_hb["state"] == "running"
-        assert int(probe_hb["rss"]) > 0 and 5 <= int(probe_hb["nfd"]) <= 10
+        assert int(probe_hb["rss"]) > 0 and int(probe_hb["nfd"]) > 0
         assert abs(int(probe_hb["start_time"]) - now) < 120
         for key in ("cpu", "rx_tps", "tx_tps", "rx_speed", "tx_speed"):
             assert len(probe_hb[key].split(".")[1]) == 8  # "%.8f"
@@ -731,15 +732,18 @@ def test_spawning_next_to_a_busy_grpc_stream(tmp_path):
             "t.T", {"E": grpc.stream_stream_rpc_method_handler(echo)}),))
         await server.start()
 
+        rounds = [0]
+
         async def traffic():
             async with grpc.aio.insecure_channel("127.0.0.1:%d" % port) as ch:
                 call = ch.stream_stream("/t.T/E")()
                 while True:
                     await call.write(b"x" * 1000)
                     await call.read()
+                    rounds[0] += 1
 
         busy = asyncio.ensure_future(traffic())
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: rounds[0] > 10, what="a busy stream")
         effects = ProcessEffects()
         codes = []
         try:
@@ -750,7 +754,8 @@ def test_spawning_next_to_a_busy_grpc_stream(tmp_path):
                                       fd_map={3: r, 4: w})
                 for fd in (r, w, err):
                     os.close(fd)
-                await asyncio.sleep(0.005)
+                seen = rounds[0]  # let the stream run between spawns
+                await wait_until(lambda: rounds[0] > seen, what="stream traffic")
                 await asyncio.get_running_loop().run_in_executor(None, effects.reap, child)
                 codes.append(child.returncode)
         finally:

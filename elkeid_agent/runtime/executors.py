@@ -54,7 +54,9 @@ class _Pool:
             if len(self._jobs) >= self.backlog:
                 raise Saturated("%d %s jobs already waiting" % (len(self._jobs), self.kind))
             self._jobs.append((loop, fut, fn, args))
-            if self._idle == 0 and len(self._workers) < self.threads:
+            # Idle workers may not have woken for earlier jobs yet: compare
+            # with the jobs waiting, or a burst would all go to one thread.
+            if len(self._jobs) > self._idle and len(self._workers) < self.threads:
                 t = threading.Thread(target=self._work, name="elkeid-%s-%d"
                                      % (self.kind, len(self._workers)), daemon=True)
                 self._workers.append(t)
