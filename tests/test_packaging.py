@@ -46,17 +46,32 @@ def sh(*argv, **kw):
 
 
 @pytest.fixture(scope="session")
-def packages():
-    env = dict(os.environ, ELKEID_VENV=sys.prefix)
+def packages(tmp_path_factory):
+    """``./build.sh packages`` into a directory of this test run's own, so
+    the tests never overwrite the developer's dist/."""
+    dist = str(tmp_path_factory.mktemp("dist"))
+    env = dict(os.environ, ELKEID_VENV=sys.prefix, ELKEID_DIST_DIR=dist)
     rc, out, err = sh(os.path.join(ROOT, "build.sh"), "packages", cwd=ROOT, env=env)
     assert rc == 0, err
     out = {}
     for arch in ARCHES:
         for fmt in ("deb", "rpm"):
-            path = os.path.join(ROOT, "dist", "elkeid-agent_%s_%s.%s" % (VERSION, arch, fmt))
+            path = os.path.join(dist, "elkeid-agent_%s_%s.%s" % (VERSION, arch, fmt))
             assert os.path.isfile(path), err
             out[arch, fmt] = path
     return out
+
+
+@pytest.fixture
+def rpmq(tmp_path):
+    """``rpm -qp ...`` with a database of its own: rpm's default database
+    for a query is ~/.rpmdb, which it would create in the home directory."""
+    need("rpm")
+    db = str(tmp_path / "rpmdb")
+
+    def query(*args):
+        return sh("rpm", "--dbpath", db, "-qp", *args)
+    return query
 
 
 def need(tool):
@@ -72,15 +87,13 @@ def script(name):
 # ---------------------------------------------------------------- rpm
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))
-def test_rpm_file_list_modes_and_metadata(packages, arch):
-    need("rpm")
+def test_rpm_file_list_modes_and_metadata(packages, arch, rpmq):
     path = packages[arch, "rpm"]
-    rc, out, err = sh("rpm", "-qpl", path)
+    rc, out, err = rpmq("-l", path)
     assert rc == 0, err
     assert sorted(out.split()) == sorted(FILES)
-    rc, out, err = sh("rpm", "-qp", "--qf",
-                      "[%{FILENAMES} %{FILEMODES:octal} %{FILEUSERNAME} %{FILEGROUPNAME} "
-                      "%{FILELINKTOS}\\n]", path)
+    rc, out, err = rpmq("--qf", "[%{FILENAMES} %{FILEMODES:octal} %{FILEUSERNAME} "
+                        "%{FILEGROUPNAME} %{FILELINKTOS}\\n]", path)
     assert rc == 0, err
     for line in out.strip().splitlines():
         name, mode, user, group, *link = line.split()
@@ -91,15 +104,14 @@ def test_rpm_file_list_modes_and_metadata(packages, arch):
             assert link == [want]
         else:
             assert mode & 0o7777 == want, (name, oct(mode))
-    rc, out, err = sh("rpm", "-qp", "--qf", "%{NAME} %{EPOCH} %{VERSION} %{RELEASE} %{ARCH}", path)
+    rc, out, err = rpmq("--qf", "%{NAME} %{EPOCH} %{VERSION} %{RELEASE} %{ARCH}", path)
     assert out == "elkeid-agent 3 %s 1 %s" % (VERSION, ARCHES[arch])
-    rc, out, err = sh("rpm", "-qp", "--requires", path)
+    rc, out, err = rpmq("--requires", path)
     assert "python3 >= 3.9 or python39" in out
 
 
-def test_rpm_scripts_are_ours(packages):
-    need("rpm")
-    rc, out, err = sh("rpm", "-qp", "--scripts", packages["amd64", "rpm"])
+def test_rpm_scripts_are_ours(packages, rpmq):
+    rc, out, err = rpmq("--scripts", packages["amd64", "rpm"])
     assert rc == 0, err
     parts = re.split(r"^(\w+) scriptlet \(using (\S+)\):\n", out, flags=re.M)
     found = {parts[i]: (parts[i + 1], parts[i + 2]) for i in range(1, len(parts), 3)}
