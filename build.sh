@@ -76,20 +76,28 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
     ls -l "$DIST"/elkeid-agent_"${version}"_* >&2
 }
 
-# System tools some tests use: debootstrap (the Debian chroot install test),
-# rpm (rpm -qpl and scriptlets), systemd-analyze (unit check). Installed
-# only when missing and only as root with apt-get; elsewhere those tests
-# say what they lack.
+# System tools some tests use: debootstrap (the Debian chroot and
+# live-systemd install tests), systemd-nspawn (live-systemd), rpm (rpm -qpl
+# and scriptlets), systemd-analyze (unit check). Installed only when missing
+# and only as root with apt-get; elsewhere those tests say what they lack
+# (in CI, CI=true, they fail instead). apt waits for a dpkg lock another
+# process holds and is quiet unless it fails.
 system_tools() {
-    local missing=()
+    local missing=() log
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v rpm >/dev/null 2>&1 || missing+=(rpm)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${missing[*]} for the packaging tests"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-            || die "apt-get install ${missing[*]} failed"
+        log=$(mktemp "${TMPDIR:-/tmp}/elkeid-apt-get.XXXXXX.log") || die "mktemp failed"
+        if ! { apt-get -o DPkg::Lock::Timeout=600 update -q &&
+               DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install \
+                   -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            die "apt-get install ${missing[*]} failed (output above, also in $log)"
+        fi
+        rm -f "$log"
     fi
 }
 

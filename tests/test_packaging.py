@@ -9,6 +9,7 @@ exercised. tests/test_packaging_chroot.py installs the real .deb.
 """
 
 import configparser
+import hashlib
 import io
 import json
 import os
@@ -176,6 +177,64 @@ def test_packaged_zipapp_runs_here(packages, tmp_path):
     ctl = tmp_path / "etc" / "elkeid" / "elkeidctl"
     rc, out, err = sh(str(ctl), "--version", env={"PATH": "/usr/bin:/bin"})
     assert (rc, out.strip()) == (0, "elkeidctl (elkeid-agent %s)" % VERSION), err
+
+
+# ---------------------------------------------------------------- build.sh test: system tools
+
+FAKE_APT = """#!/bin/sh
+echo "$@" >> "$FAKE_APT_CALLS"
+echo "Reading package lists... (apt noise)"
+case " $* " in *" install "*) exit "${FAKE_APT_INSTALL_RC:-0}" ;; esac
+exit 0
+"""
+
+
+def run_build_sh_test_with_fake_apt(tmp_path, install_rc):
+    """``./build.sh test`` on a PATH where none of the tests' system tools
+    exist, as root (a fake id), with a recording apt-get and a stand-in
+    for the venv's python (the pytest run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname", "cat", "sha256sum", "cut", "mktemp", "rm"):
+        os.symlink(shutil.which(tool), str(bin_dir / tool))
+    for name, text in (("apt-get", FAKE_APT), ("id", "#!/bin/sh\necho 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        (venv / ".installed").write_text(hashlib.sha256(f.read()).hexdigest()[:16] + "\n")
+    (venv / "bin" / "python").write_text("#!/bin/sh\necho \"pytest ran: $*\"\n")
+    (venv / "bin" / "python").chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"PATH": str(bin_dir), "ELKEID_VENV": str(venv), "TMPDIR": str(tmp),
+           "FAKE_APT_CALLS": str(tmp_path / "calls"), "FAKE_APT_INSTALL_RC": str(install_rc)}
+    rc, out, err = sh(os.path.join(ROOT, "build.sh"), "test", "-x", cwd=ROOT, env=env)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() \
+        else []
+    return rc, out, err, calls, sorted(os.listdir(str(tmp)))
+
+
+def test_build_sh_installs_missing_tools_quietly_waiting_for_the_dpkg_lock(tmp_path):
+    rc, out, err, calls, left = run_build_sh_test_with_fake_apt(tmp_path, 0)
+    assert rc == 0, err
+    assert out == "pytest ran: -m pytest -x\n"
+    tools = "debootstrap rpm systemd systemd-container"
+    assert err.splitlines() == ["==> installing %s for the packaging tests" % tools,
+                                "==> running tests"]
+    assert calls == ["-o DPkg::Lock::Timeout=600 update -q",
+                     "-o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends " + tools]
+    assert left == []  # the log of a successful run is removed
+
+
+def test_build_sh_shows_apts_output_when_it_fails(tmp_path):
+    rc, out, err, calls, left = run_build_sh_test_with_fake_apt(tmp_path, 100)
+    assert rc != 0 and out == ""  # no test run
+    assert err.count("Reading package lists... (apt noise)") == 2
+    assert "build.sh: error: apt-get install debootstrap rpm systemd systemd-container failed" \
+        in err
+    assert len(left) == 1 and left[0] in err  # kept, and named
 
 
 # ---------------------------------------------------------------- unit, init script, cron
