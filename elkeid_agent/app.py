@@ -131,8 +131,9 @@ class Agent:
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
                  __version__, self.agent_id, s.workdir, s.region)
 
+        # systemctl status shows the last STATUS= line: keep it true.
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
-                                   self.metrics)
+                                   self.metrics, on_state=sdnotify.status)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown)
         self.plugins = self._make_plugin_host()

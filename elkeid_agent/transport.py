@@ -97,13 +97,16 @@ def load_credentials(settings):
 
 
 class Transport:
-    def __init__(self, settings, queue, header, on_command, metrics, loop=None):
+    def __init__(self, settings, queue, header, on_command, metrics, loop=None, on_state=None):
         """``header`` is a zero-argument callable returning the cached
-        PackagedData header bytes; ``on_command(raw_bytes)`` must not raise."""
+        PackagedData header bytes; ``on_command(raw_bytes)`` must not raise.
+        ``on_state(text)`` hears one line whenever the connection comes or
+        goes (the agent passes it to systemd as its STATUS)."""
         self.settings = settings
         self.queue = queue
         self.header = header
         self.on_command = on_command
+        self.on_state = on_state
         self.metrics = metrics
         self.stats = TransferStats()
         self.net_mode = "unknown"
@@ -203,6 +206,7 @@ class Transport:
             if not connected:
                 delay = self._backoff.failed()
                 log.warning("no AgentCenter endpoint reachable; retrying in %.1f s", delay)
+                self._state("no AgentCenter endpoint reachable; retrying in %.1f s" % delay)
                 await asyncio.sleep(delay)
                 continue
             self._backoff.connected()
@@ -215,6 +219,8 @@ class Transport:
                 log.warning("transfer stream lost (%s: %s); reconnecting in %.1f s",
                             type(e).__name__, _short(e), self.settings.reconnect_delay)
             await self._close_channel()
+            if not self._stopping:
+                self._state("disconnected from %s; reconnecting" % self.connected_to)
             if self._reconnect.is_set():
                 self._reconnect.clear()
             elif not self._stopping:
@@ -287,6 +293,13 @@ class Transport:
             except Exception:  # closing a broken channel can raise; it is gone either way
                 pass
 
+    def _state(self, text):
+        if self.on_state is not None:
+            try:
+                self.on_state(text)
+            except Exception:  # a status line must never break the stream
+                log.exception("connection state callback failed")
+
     # ------------------------------------------------------------ stream
 
     async def _stream(self):
@@ -296,6 +309,7 @@ class Transport:
         call = method(compression=_COMPRESSION[compression])
         self._call = call
         self._connected.set()
+        self._state("connected to %s (net_mode %s)" % (self.connected_to, self.net_mode))
         sender = asyncio.ensure_future(self._send_loop(call))
         receiver = asyncio.ensure_future(self._recv_loop(call))
         reconnect = asyncio.ensure_future(self._reconnect.wait())
