@@ -738,6 +738,27 @@ def test_cleanup_removes_tmp_only_when_the_agent_is_stopped(fx):
     assert not fx.exists("/etc/elkeid/tmp")
 
 
+@pytest.mark.parametrize("props", ["ActiveState=active\nMainPID=3000\n",
+                                   "ActiveState=activating\nMainPID=0\n",
+                                   "ActiveState=deactivating\nMainPID=3000\n"])
+def test_cleanup_keeps_tmp_of_an_agent_systemd_runs(fx, props):
+    """systemd mode has no pid file: whether the agent runs is systemd's to
+    say. (post-install runs cleanup on upgrade, with the agent running.)"""
+    fx.configure("service_type=systemd\n")
+    fx.write("/etc/elkeid/tmp/debug.addr", "127.0.0.1:4242\n")
+    fx.results[("systemctl", "show")] = Completed(0, props)
+    assert run(fx, "cleanup").code == 0
+    assert fx.read("/etc/elkeid/tmp/debug.addr") == "127.0.0.1:4242\n"
+
+
+def test_cleanup_in_systemd_mode_without_systemd_running(fx):
+    fx.configure("service_type=systemd\n")
+    os.makedirs(fx.host("/etc/elkeid/tmp/x"))
+    fx.results[("systemctl", "show")] = Completed(1, "System has not been booted with systemd")
+    assert run(fx, "cleanup").code == 0
+    assert not fx.exists("/etc/elkeid/tmp")
+
+
 # ---------------------------------------------------------------- robustness
 
 def test_unexpected_os_error_is_one_line(fx):
