@@ -349,13 +349,15 @@ exit 0
 
 
 class ScriptHost:
-    """/etc/elkeid, /etc/init.d, /etc/cron.d, /run/systemd and /var/cache
-    replaced (in a mount namespace) by directories of the test."""
+    """/etc/elkeid, /etc/init.d, /etc/cron.d, /etc/systemd/system,
+    /run/systemd and /var/cache replaced (in a mount namespace) by
+    directories of the test."""
 
     def __init__(self, tmp_path):
         self.base = tmp_path
         self.dirs = {}
-        for target in ("/etc/elkeid", "/etc/init.d", "/etc/cron.d", "/var/cache", "/run/systemd"):
+        for target in ("/etc/elkeid", "/etc/init.d", "/etc/cron.d", "/var/cache", "/run/systemd",
+                       "/etc/systemd/system"):
             d = tmp_path / target.strip("/").replace("/", "_")
             d.mkdir()
             self.dirs[target] = d
@@ -366,7 +368,7 @@ class ScriptHost:
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
         for tool in ("sh", "sed", "tr", "grep", "tail", "cat", "mkdir", "cp", "chmod", "rm",
-                     "umount", "printf", "python3", "echo", "true"):
+                     "umount", "printf", "python3", "echo", "true", "readlink"):
             real = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
             if real:
                 os.symlink(real, str(self.bin / tool))
@@ -494,6 +496,26 @@ def test_preremove_removes_everything(host, args):
     assert os.listdir(str(host.dirs["/etc/init.d"])) == []
     assert os.listdir(str(host.dirs["/etc/cron.d"])) == []
     assert os.listdir(str(host.dirs["/var/cache"])) == []
+
+
+def test_preremove_unlinks_the_unit_and_only_ours(host):
+    """elkeidctl disable leaves the unit linked (known to systemd, not
+    started at boot); removal takes the link away, after the stop."""
+    (host.dirs["/etc/elkeid"] / "specified_env").write_text("service_type=systemd\n")
+    units = host.dirs["/etc/systemd/system"]
+    os.symlink("/etc/elkeid/elkeid-agent.service", str(units / "elkeid-agent.service"))
+    os.symlink("/opt/other/other.service", str(units / "other.service"))
+    rc, out, err = host.run("preremove.sh", "remove")
+    assert (rc, out, err) == (0, "", ""), err
+    assert sorted(os.listdir(str(units))) == ["other.service"]
+
+
+def test_preremove_keeps_an_elkeid_agent_unit_that_is_not_ours(host):
+    (host.dirs["/etc/elkeid"] / "specified_env").write_text("service_type=systemd\n")
+    unit = host.dirs["/etc/systemd/system"] / "elkeid-agent.service"
+    unit.write_text("[Service]\n")  # the admin's own
+    assert host.run("preremove.sh", "remove")[0] == 0
+    assert unit.read_text() == "[Service]\n"
 
 
 @pytest.mark.parametrize("args", [("upgrade", "1.7.0.2"), ("1",), ("failed-upgrade", "x")])

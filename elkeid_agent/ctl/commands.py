@@ -168,6 +168,13 @@ class Ctl:
         self.need_root("disable")
         if self.mode() == "systemd":
             self.systemctl("disable", SERVICE)
+            # The unit is enabled by path, so that also removed the link
+            # that makes systemd know it: a running agent would be left in a
+            # unit systemd cannot find (no watchdog, notifications refused)
+            # and start/restart would fail. Disabled means "not at boot":
+            # link it again. (Removal unlinks it: packaging/scripts/preremove.sh.)
+            if self.fx.exists(UNIT_FILE):
+                self.systemctl("link", UNIT_FILE)
             return EXIT_OK
         return self._rc_tool(("update-rc.d", "-f", SERVICE, "remove"),
                              ("chkconfig", "--del", SERVICE))
