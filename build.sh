@@ -7,10 +7,15 @@
 #   ./build.sh zipapp    dist/elkeid-agent.pyz for this machine's architecture
 #   ./build.sh packages  dist/elkeid-agent_VERSION_{amd64,arm64}.{deb,rpm}
 # Each sets up .venv (python3 -m venv + pip from PyPI) on first use.
+# ELKEID_DIST_DIR puts zipapp/packages output elsewhere than dist/ (the
+# tests build into their own directory and leave dist/ alone).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${ELKEID_VENV:-.venv}
 PY=${PYTHON:-python3}
+DIST=${ELKEID_DIST_DIR:-dist}
+# pip's download cache stays in the build tree, not in the home directory.
+export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$PWD/build/cache/pip}
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -52,7 +57,7 @@ build_packages() {
     nfpm=$(nfpm_tool)
     version=$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "packaging")
 import build_zipapp; print(build_zipapp.version())') || die "cannot read the version"
-    mkdir -p dist build/package
+    mkdir -p "$DIST" build/package
     # nfpm.yaml takes the zipapp from build/package/: one packaging run at a time.
     exec 9>build/package/.lock
     flock 9 || die "cannot lock build/package/.lock"
@@ -60,7 +65,7 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
         say "building the $arch zipapp (elkeid-agent $version)"
         build_zipapp "$arch" build/package/elkeid-agent
         for fmt in deb rpm; do
-            out="dist/elkeid-agent_${version}_${arch}.$fmt"
+            out="$DIST/elkeid-agent_${version}_${arch}.$fmt"
             say "packaging $out"
             ELKEID_ARCH=$arch ELKEID_VERSION=$version "$nfpm" package -f nfpm.yaml -p "$fmt" \
                 -t "$out.tmp" >/dev/null || die "nfpm $fmt $arch failed"
@@ -68,25 +73,33 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
         done
     done
     rm -f build/package/elkeid-agent
-    ls -l dist/elkeid-agent_"${version}"_* >&2
+    ls -l "$DIST"/elkeid-agent_"${version}"_* >&2
 }
 
-# System tools some tests use: debootstrap (the Debian chroot install test),
-# rpm (rpm -qpl and scriptlets), systemd-analyze (unit check),
-# prometheus-node-exporter (host metrics cross-check). Installed
-# only when missing and only as root with apt-get; elsewhere those tests
-# say what they lack.
+# System tools some tests use: debootstrap (the Debian chroot and
+# live-systemd install tests), systemd-nspawn (live-systemd), rpm (rpm -qpl
+# and scriptlets), systemd-analyze (unit check), prometheus-node-exporter
+# (host metrics cross-check and the services supervisor's tests). Installed
+# only when missing and only as root with apt-get; elsewhere those tests say
+# what they lack (in CI, CI=true, they fail instead). apt waits for a dpkg
+# lock another process holds and is quiet unless it fails.
 system_tools() {
-    local missing=()
+    local missing=() log
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v rpm >/dev/null 2>&1 || missing+=(rpm)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     [ -x /usr/bin/prometheus-node-exporter ] || missing+=(prometheus-node-exporter)
+    command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        say "installing ${missing[*]} for the packaging tests"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-            || die "apt-get install ${missing[*]} failed"
+        say "installing ${missing[*]} for the tests"
+        log=$(mktemp "${TMPDIR:-/tmp}/elkeid-apt-get.XXXXXX.log") || die "mktemp failed"
+        if ! { apt-get -o DPkg::Lock::Timeout=600 update -q &&
+               DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install \
+                   -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            die "apt-get install ${missing[*]} failed (output above, also in $log)"
+        fi
+        rm -f "$log"
     fi
 }
 
@@ -112,8 +125,8 @@ case "$cmd" in
         ;;
     zipapp)
         venv
-        say "building dist/elkeid-agent.pyz for $(uname -m)"
-        build_zipapp "$(uname -m)" dist/elkeid-agent.pyz
+        say "building $DIST/elkeid-agent.pyz for $(uname -m)"
+        build_zipapp "$(uname -m)" "$DIST/elkeid-agent.pyz"
         ;;
     packages)
         venv

@@ -162,8 +162,10 @@ class Agent:
                  __version__, self.agent_id, s.workdir, s.region, extra={"console": True})
 
         self.plugins = self._make_plugin_host()
+        # systemctl status shows the last STATUS= line: keep it true.
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
-                                   self.metrics, executors=self.executors)
+                                   self.metrics, executors=self.executors,
+                                   on_state=sdnotify.status)
         self.transport.diagnose = DialDiagnosis(s, self.metrics, self.executors)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown, self.executors, owner=self.owner)

@@ -392,3 +392,38 @@ def test_sysvinit_mode_holds_the_pid_lock(devcenter, start_agent, tmp_path):
     assert "another elkeid-agent (pid %d) holds" % first.pid in second.log_text()
     assert first.stop() == 0
     assert not os.path.exists(pidfile)
+
+
+def test_systemd_status_line_follows_the_connection(tmp_path, start_agent):
+    """``systemctl status`` shows the last STATUS= the agent sent: it must say
+    connected (and to what) once it is, and say so when the stream is gone,
+    not keep the "connecting" sent with READY=1."""
+    dc = DevCenterProc(tmp_path / "dc")
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    statuses = []
+
+    def next_status(prefix, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, "no STATUS=%s... in 30 s: %s" % (prefix, statuses)
+            for line in sock.recv(4096).decode().splitlines():
+                if line.startswith("STATUS="):
+                    statuses.append(line[len("STATUS="):])
+                    if statuses[-1].startswith(prefix):
+                        return statuses[-1]
+
+    try:
+        a = start_agent("status-line", "--server", dc.grpc, *dc.cert_args, server=False,
+                        env={"NOTIFY_SOCKET": sock_path, "ELKEID_RECONNECT_DELAY": "0.2"})
+        assert next_status("connecting") == "connecting"  # with READY=1
+        assert next_status("connected") == "connected to %s (net_mode private)" % dc.grpc
+        dc.stop()
+        assert next_status("disconnected").startswith("disconnected from %s" % dc.grpc)
+        assert next_status("no AgentCenter endpoint reachable")
+        assert a.stop() == 0
+    finally:
+        dc.stop()
+        sock.close()

@@ -230,7 +230,7 @@ def test_unreadable_specified_env_for_non_root(fx):
     (["stop"], ["systemctl", "stop", "elkeid-agent"]),
     (["restart"], ["systemctl", "restart", "elkeid-agent"]),
     (["enable"], ["systemctl", "enable", "/etc/elkeid/elkeid-agent.service"]),
-    (["disable"], ["systemctl", "disable", "elkeid-agent"]),
+    (["disable"], ["systemctl", "disable", "elkeid-agent"]),  # and link: below
     (["service-reload"], ["systemctl", "daemon-reload"]),
 ])
 def test_systemd_commands(fx, argv, expected):
@@ -238,6 +238,41 @@ def test_systemd_commands(fx, argv, expected):
     r = run(fx, *argv)
     assert r.code == 0, r
     assert fx.commands() == [expected]
+
+
+def test_systemd_disable_keeps_the_unit_linked(fx):
+    """The unit is enabled by path, so ``systemctl disable`` also removes
+    the link that makes systemd know it: a running agent would be left with
+    a unit systemd cannot find (no watchdog, its notifications refused) and
+    start/restart would fail with "Unit elkeid-agent.service not found".
+    disable means "not at boot": link the unit file again."""
+    fx.configure("service_type=systemd\n")
+    fx.write("/etc/elkeid/elkeid-agent.service", "[Service]\n")
+    r = run(fx, "disable")
+    assert r.code == 0, r
+    assert fx.commands() == [["systemctl", "disable", "elkeid-agent"],
+                             ["systemctl", "link", "/etc/elkeid/elkeid-agent.service"]]
+
+
+def test_systemd_disable_without_the_unit_file_only_disables(fx):
+    fx.configure("service_type=systemd\n")
+    r = run(fx, "disable")
+    assert r.code == 0, r
+    assert fx.commands() == [["systemctl", "disable", "elkeid-agent"]]
+
+
+@pytest.mark.parametrize("state, wants, enabled", [
+    ("enabled", False, True), ("linked", False, False), ("linked", True, True),
+    ("disabled", False, False)])
+def test_systemd_status_enabled_means_started_at_boot(fx, state, wants, enabled):
+    fx.configure("service_type=systemd\n")
+    if wants:  # older systemd says "linked" for a unit enabled by path
+        fx.write("/etc/systemd/system/multi-user.target.wants/elkeid-agent.service", "")
+    fx.results[("systemctl", "show")] = Completed(
+        0, "LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=3000\n"
+           "UnitFileState=%s\n" % state)
+    r = run(fx, "status", "--json")
+    assert json.loads(r.out)["enabled"] is enabled
 
 
 def test_systemd_check_does_nothing(fx):
@@ -770,6 +805,27 @@ def test_cleanup_sysvinit(fx):
 def test_cleanup_removes_tmp_only_when_the_agent_is_stopped(fx):
     fx.configure("service_type=systemd\n")
     os.makedirs(fx.host("/etc/elkeid/tmp/x"))
+    assert run(fx, "cleanup").code == 0
+    assert not fx.exists("/etc/elkeid/tmp")
+
+
+@pytest.mark.parametrize("props", ["ActiveState=active\nMainPID=3000\n",
+                                   "ActiveState=activating\nMainPID=0\n",
+                                   "ActiveState=deactivating\nMainPID=3000\n"])
+def test_cleanup_keeps_tmp_of_an_agent_systemd_runs(fx, props):
+    """systemd mode has no pid file: whether the agent runs is systemd's to
+    say. (post-install runs cleanup on upgrade, with the agent running.)"""
+    fx.configure("service_type=systemd\n")
+    fx.write("/etc/elkeid/tmp/debug.addr", "127.0.0.1:4242\n")
+    fx.results[("systemctl", "show")] = Completed(0, props)
+    assert run(fx, "cleanup").code == 0
+    assert fx.read("/etc/elkeid/tmp/debug.addr") == "127.0.0.1:4242\n"
+
+
+def test_cleanup_in_systemd_mode_without_systemd_running(fx):
+    fx.configure("service_type=systemd\n")
+    os.makedirs(fx.host("/etc/elkeid/tmp/x"))
+    fx.results[("systemctl", "show")] = Completed(1, "System has not been booted with systemd")
     assert run(fx, "cleanup").code == 0
     assert not fx.exists("/etc/elkeid/tmp")
 

@@ -9,6 +9,7 @@ exercised. tests/test_packaging_chroot.py installs the real .deb.
 """
 
 import configparser
+import hashlib
 import io
 import json
 import os
@@ -46,17 +47,32 @@ def sh(*argv, **kw):
 
 
 @pytest.fixture(scope="session")
-def packages():
-    env = dict(os.environ, ELKEID_VENV=sys.prefix)
+def packages(tmp_path_factory):
+    """``./build.sh packages`` into a directory of this test run's own, so
+    the tests never overwrite the developer's dist/."""
+    dist = str(tmp_path_factory.mktemp("dist"))
+    env = dict(os.environ, ELKEID_VENV=sys.prefix, ELKEID_DIST_DIR=dist)
     rc, out, err = sh(os.path.join(ROOT, "build.sh"), "packages", cwd=ROOT, env=env)
     assert rc == 0, err
     out = {}
     for arch in ARCHES:
         for fmt in ("deb", "rpm"):
-            path = os.path.join(ROOT, "dist", "elkeid-agent_%s_%s.%s" % (VERSION, arch, fmt))
+            path = os.path.join(dist, "elkeid-agent_%s_%s.%s" % (VERSION, arch, fmt))
             assert os.path.isfile(path), err
             out[arch, fmt] = path
     return out
+
+
+@pytest.fixture
+def rpmq(tmp_path):
+    """``rpm -qp ...`` with a database of its own: rpm's default database
+    for a query is ~/.rpmdb, which it would create in the home directory."""
+    need("rpm")
+    db = str(tmp_path / "rpmdb")
+
+    def query(*args):
+        return sh("rpm", "--dbpath", db, "-qp", *args)
+    return query
 
 
 def need(tool):
@@ -72,15 +88,13 @@ def script(name):
 # ---------------------------------------------------------------- rpm
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))
-def test_rpm_file_list_modes_and_metadata(packages, arch):
-    need("rpm")
+def test_rpm_file_list_modes_and_metadata(packages, arch, rpmq):
     path = packages[arch, "rpm"]
-    rc, out, err = sh("rpm", "-qpl", path)
+    rc, out, err = rpmq("-l", path)
     assert rc == 0, err
     assert sorted(out.split()) == sorted(FILES)
-    rc, out, err = sh("rpm", "-qp", "--qf",
-                      "[%{FILENAMES} %{FILEMODES:octal} %{FILEUSERNAME} %{FILEGROUPNAME} "
-                      "%{FILELINKTOS}\\n]", path)
+    rc, out, err = rpmq("--qf", "[%{FILENAMES} %{FILEMODES:octal} %{FILEUSERNAME} "
+                        "%{FILEGROUPNAME} %{FILELINKTOS}\\n]", path)
     assert rc == 0, err
     for line in out.strip().splitlines():
         name, mode, user, group, *link = line.split()
@@ -91,15 +105,14 @@ def test_rpm_file_list_modes_and_metadata(packages, arch):
             assert link == [want]
         else:
             assert mode & 0o7777 == want, (name, oct(mode))
-    rc, out, err = sh("rpm", "-qp", "--qf", "%{NAME} %{EPOCH} %{VERSION} %{RELEASE} %{ARCH}", path)
+    rc, out, err = rpmq("--qf", "%{NAME} %{EPOCH} %{VERSION} %{RELEASE} %{ARCH}", path)
     assert out == "elkeid-agent 3 %s 1 %s" % (VERSION, ARCHES[arch])
-    rc, out, err = sh("rpm", "-qp", "--requires", path)
+    rc, out, err = rpmq("--requires", path)
     assert "python3 >= 3.9 or python39" in out
 
 
-def test_rpm_scripts_are_ours(packages):
-    need("rpm")
-    rc, out, err = sh("rpm", "-qp", "--scripts", packages["amd64", "rpm"])
+def test_rpm_scripts_are_ours(packages, rpmq):
+    rc, out, err = rpmq("--scripts", packages["amd64", "rpm"])
     assert rc == 0, err
     parts = re.split(r"^(\w+) scriptlet \(using (\S+)\):\n", out, flags=re.M)
     found = {parts[i]: (parts[i + 1], parts[i + 2]) for i in range(1, len(parts), 3)}
@@ -164,6 +177,64 @@ def test_packaged_zipapp_runs_here(packages, tmp_path):
     ctl = tmp_path / "etc" / "elkeid" / "elkeidctl"
     rc, out, err = sh(str(ctl), "--version", env={"PATH": "/usr/bin:/bin"})
     assert (rc, out.strip()) == (0, "elkeidctl (elkeid-agent %s)" % VERSION), err
+
+
+# ---------------------------------------------------------------- build.sh test: system tools
+
+FAKE_APT = """#!/bin/sh
+echo "$@" >> "$FAKE_APT_CALLS"
+echo "Reading package lists... (apt noise)"
+case " $* " in *" install "*) exit "${FAKE_APT_INSTALL_RC:-0}" ;; esac
+exit 0
+"""
+
+
+def run_build_sh_test_with_fake_apt(tmp_path, install_rc):
+    """``./build.sh test`` on a PATH where none of the tests' system tools
+    exist, as root (a fake id), with a recording apt-get and a stand-in
+    for the venv's python (the pytest run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname", "cat", "sha256sum", "cut", "mktemp", "rm"):
+        os.symlink(shutil.which(tool), str(bin_dir / tool))
+    for name, text in (("apt-get", FAKE_APT), ("id", "#!/bin/sh\necho 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        (venv / ".installed").write_text(hashlib.sha256(f.read()).hexdigest()[:16] + "\n")
+    (venv / "bin" / "python").write_text("#!/bin/sh\necho \"pytest ran: $*\"\n")
+    (venv / "bin" / "python").chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"PATH": str(bin_dir), "ELKEID_VENV": str(venv), "TMPDIR": str(tmp),
+           "FAKE_APT_CALLS": str(tmp_path / "calls"), "FAKE_APT_INSTALL_RC": str(install_rc)}
+    rc, out, err = sh(os.path.join(ROOT, "build.sh"), "test", "-x", cwd=ROOT, env=env)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() \
+        else []
+    return rc, out, err, calls, sorted(os.listdir(str(tmp)))
+
+
+def test_build_sh_installs_missing_tools_quietly_waiting_for_the_dpkg_lock(tmp_path):
+    rc, out, err, calls, left = run_build_sh_test_with_fake_apt(tmp_path, 0)
+    assert rc == 0, err
+    assert out == "pytest ran: -m pytest -x\n"
+    tools = "debootstrap rpm systemd systemd-container"
+    assert err.splitlines() == ["==> installing %s for the packaging tests" % tools,
+                                "==> running tests"]
+    assert calls == ["-o DPkg::Lock::Timeout=600 update -q",
+                     "-o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends " + tools]
+    assert left == []  # the log of a successful run is removed
+
+
+def test_build_sh_shows_apts_output_when_it_fails(tmp_path):
+    rc, out, err, calls, left = run_build_sh_test_with_fake_apt(tmp_path, 100)
+    assert rc != 0 and out == ""  # no test run
+    assert err.count("Reading package lists... (apt noise)") == 2
+    assert "build.sh: error: apt-get install debootstrap rpm systemd systemd-container failed" \
+        in err
+    assert len(left) == 1 and left[0] in err  # kept, and named
 
 
 # ---------------------------------------------------------------- unit, init script, cron
@@ -278,13 +349,15 @@ exit 0
 
 
 class ScriptHost:
-    """/etc/elkeid, /etc/init.d, /etc/cron.d, /run/systemd and /var/cache
-    replaced (in a mount namespace) by directories of the test."""
+    """/etc/elkeid, /etc/init.d, /etc/cron.d, /etc/systemd/system,
+    /run/systemd and /var/cache replaced (in a mount namespace) by
+    directories of the test."""
 
     def __init__(self, tmp_path):
         self.base = tmp_path
         self.dirs = {}
-        for target in ("/etc/elkeid", "/etc/init.d", "/etc/cron.d", "/var/cache", "/run/systemd"):
+        for target in ("/etc/elkeid", "/etc/init.d", "/etc/cron.d", "/var/cache", "/run/systemd",
+                       "/etc/systemd/system"):
             d = tmp_path / target.strip("/").replace("/", "_")
             d.mkdir()
             self.dirs[target] = d
@@ -295,7 +368,7 @@ class ScriptHost:
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
         for tool in ("sh", "sed", "tr", "grep", "tail", "cat", "mkdir", "cp", "chmod", "rm",
-                     "umount", "printf", "python3", "echo", "true"):
+                     "umount", "printf", "python3", "echo", "true", "readlink"):
             real = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
             if real:
                 os.symlink(real, str(self.bin / tool))
@@ -423,6 +496,26 @@ def test_preremove_removes_everything(host, args):
     assert os.listdir(str(host.dirs["/etc/init.d"])) == []
     assert os.listdir(str(host.dirs["/etc/cron.d"])) == []
     assert os.listdir(str(host.dirs["/var/cache"])) == []
+
+
+def test_preremove_unlinks_the_unit_and_only_ours(host):
+    """elkeidctl disable leaves the unit linked (known to systemd, not
+    started at boot); removal takes the link away, after the stop."""
+    (host.dirs["/etc/elkeid"] / "specified_env").write_text("service_type=systemd\n")
+    units = host.dirs["/etc/systemd/system"]
+    os.symlink("/etc/elkeid/elkeid-agent.service", str(units / "elkeid-agent.service"))
+    os.symlink("/opt/other/other.service", str(units / "other.service"))
+    rc, out, err = host.run("preremove.sh", "remove")
+    assert (rc, out, err) == (0, "", ""), err
+    assert sorted(os.listdir(str(units))) == ["other.service"]
+
+
+def test_preremove_keeps_an_elkeid_agent_unit_that_is_not_ours(host):
+    (host.dirs["/etc/elkeid"] / "specified_env").write_text("service_type=systemd\n")
+    unit = host.dirs["/etc/systemd/system"] / "elkeid-agent.service"
+    unit.write_text("[Service]\n")  # the admin's own
+    assert host.run("preremove.sh", "remove")[0] == 0
+    assert unit.read_text() == "[Service]\n"
 
 
 @pytest.mark.parametrize("args", [("upgrade", "1.7.0.2"), ("1",), ("failed-upgrade", "x")])

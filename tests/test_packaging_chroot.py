@@ -9,11 +9,10 @@ stop, removal, and a comparison of the whole file tree with the one before
 installation: nothing may be left behind.
 
 The Debian root is built once by debootstrap (bookworm, minbase, python3 and
-cron) and cached as a tar under ~/.cache/elkeid-agent-tests/debootstrap/.
+cron) and cached as a tar (tests/debroot.py: under /var/tmp/elkeid-agent-tests/
+unless $ELKEID_TEST_CACHE says otherwise).
 """
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,16 +21,13 @@ import subprocess
 
 import pytest
 
+from debroot import debian_arch, extract, rootfs_tar, tree, unavailable
 from harness import DevCenterProc, wait_until
 from test_packaging import VERSION, packages  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
 
-SUITE = "bookworm"
-MIRROR = os.environ.get("ELKEID_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 INCLUDE = ("python3", "cron")
-RECIPE = 1  # bump when the way the root is made changes
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "elkeid-agent-tests", "debootstrap")
 AGENT_ID = "chroot-agent-1"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Where the tree comparison does not look: dpkg's and the kernel's own state.
@@ -40,41 +36,10 @@ UNCOMPARED = ("proc/", "dev/", "tmp/", "var/lib/dpkg/", "var/log/", "var/cache/d
               "var/tmp/")
 
 
-def debian_arch():
-    return {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
-
-
-def rootfs_tar():
-    """The cached minbase root (built with debootstrap on first use)."""
-    key = hashlib.sha256(json.dumps([SUITE, "minbase", INCLUDE, MIRROR, debian_arch(),
-                                     RECIPE]).encode()).hexdigest()[:12]
-    tar = os.path.join(CACHE, "%s-minbase-%s-%s.tar" % (SUITE, debian_arch(), key))
-    if os.path.exists(tar):
-        return tar
-    os.makedirs(CACHE, exist_ok=True)
-    with open(os.path.join(CACHE, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(tar):
-            return tar
-        work = tar + ".root"
-        shutil.rmtree(work, ignore_errors=True)
-        p = subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(INCLUDE),
-                            "--arch=" + debian_arch(), SUITE, work, MIRROR],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1200)
-        if p.returncode != 0:
-            shutil.rmtree(work, ignore_errors=True)
-            raise AssertionError("debootstrap failed:\n" + p.stdout.decode()[-3000:])
-        subprocess.run(["tar", "-C", work, "-cf", tar + ".tmp", "."], check=True)
-        os.replace(tar + ".tmp", tar)
-        shutil.rmtree(work, ignore_errors=True)
-    return tar
-
-
 class Chroot:
     def __init__(self, base):
         self.root = str(base / "root")
-        os.makedirs(self.root)
-        subprocess.run(["tar", "-C", self.root, "-xf", rootfs_tar()], check=True)
+        extract(rootfs_tar(INCLUDE), self.root)
         # A private mount namespace, kept alive by a sleeping process; every
         # command enters it. Its mounts vanish with it.
         self.holder = subprocess.Popen(["unshare", "-m", "--propagation", "private",
@@ -128,17 +93,7 @@ class Chroot:
         return out
 
     def tree(self):
-        out = set()
-        for base, dirs, files in os.walk(self.root):
-            rel = os.path.relpath(base, self.root)
-            rel = "" if rel == "." else rel + "/"
-            if any(rel.startswith(u) for u in UNCOMPARED):
-                dirs[:] = []
-                continue
-            for name in dirs + files:
-                if not any((rel + name + "/").startswith(u) for u in UNCOMPARED):
-                    out.add(rel + name)
-        return out
+        return tree(self.root, UNCOMPARED)
 
     def close(self):
         for pid in self.processes():
@@ -154,10 +109,10 @@ class Chroot:
 @pytest.fixture
 def chroot(tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("needs root (chroot, mount namespaces)")
+        unavailable("needs root (chroot, mount namespaces)")
     for tool in ("debootstrap", "unshare", "nsenter", "chroot"):
         if not shutil.which(tool):
-            pytest.skip("%s is not installed (.ci/run installs it)" % tool)
+            unavailable("%s is not installed (./build.sh test installs it)" % tool)
     c = Chroot(tmp_path)
     yield c
     c.close()
@@ -268,7 +223,7 @@ def test_rpm_scriptlets_install_and_erase_in_a_chroot(chroot, packages):  # noqa
     """rpm runs the scriptlets with its own arguments (1 on install, 0 on
     erase) inside the root: the same end result as the .deb."""
     if not shutil.which("rpm"):
-        pytest.skip("rpm is not installed (.ci/run installs it)")
+        unavailable("rpm is not installed (./build.sh test installs it)")
     c = chroot
     before = c.tree()
     os.makedirs(c.path("/etc/elkeid"), mode=0o700)

@@ -79,6 +79,21 @@ class Ctl:
     def agent_holder(self):
         return self.fx.pidfile_holder(AGENT_PIDFILE)
 
+    def unit_running(self):
+        """True when systemd has the agent's unit running or on its way up
+        or down (systemd mode keeps no pid file). False when systemctl is
+        missing or systemd is not running: then it supervises nothing."""
+        if self.fx.which("systemctl") is None:
+            return False
+        r = self.systemctl("show", SERVICE, "--no-pager", "--property=ActiveState,MainPID",
+                           capture=True, check=False)
+        if r.rc != 0:
+            return False
+        props = dict(line.split("=", 1) for line in r.output.splitlines() if "=" in line)
+        return (props.get("ActiveState", "").strip() in ("active", "activating", "deactivating",
+                                                         "reloading")
+                or props.get("MainPID", "0").strip() not in ("", "0"))
+
     def stale_pid(self, path):
         """The pid named by ``path`` when no live process holds it, else None."""
         text = self.fx.read_text(path, 64)
@@ -153,6 +168,13 @@ class Ctl:
         self.need_root("disable")
         if self.mode() == "systemd":
             self.systemctl("disable", SERVICE)
+            # The unit is enabled by path, so that also removed the link
+            # that makes systemd know it: a running agent would be left in a
+            # unit systemd cannot find (no watchdog, notifications refused)
+            # and start/restart would fail. Disabled means "not at boot":
+            # link it again. (Removal unlinks it: packaging/scripts/preremove.sh.)
+            if self.fx.exists(UNIT_FILE):
+                self.systemctl("link", UNIT_FILE)
             return EXIT_OK
         return self._rc_tool(("update-rc.d", "-f", SERVICE, "remove"),
                              ("chkconfig", "--del", SERVICE))
@@ -221,7 +243,7 @@ class Ctl:
             if strays:
                 self.say("moved %d process(es) that are not the agent's out of its cgroup: %s"
                          % (len(strays), " ".join(map(str, strays))))
-        running = self.agent_holder() is not None
+        running = self.agent_holder() is not None or (mode == "systemd" and self.unit_running())
         for path in (AGENT_PIDFILE, CTL_PIDFILE):
             if self.stale_pid(path) is not None:
                 fx.remove(path)

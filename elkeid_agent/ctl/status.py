@@ -22,6 +22,7 @@ EXIT_DEAD_WITH_PIDFILE = 1
 _SYSTEMD_PROPS = ("LoadState", "ActiveState", "SubState", "MainPID", "UnitFileState",
                   "NRestarts", "Result")
 _RC_DIRS = ("/etc/rc2.d", "/etc/rc3.d", "/etc/rc.d/rc3.d")
+WANTS_LINK = "/etc/systemd/system/multi-user.target.wants/elkeid-agent.service"
 
 
 def collect(ctl):
@@ -68,8 +69,12 @@ def _systemd(ctl, info):
     if pid:
         table = ctl.fx.processes()
         procs = {pid} | descendants(table, pid)
-    info.update(state=state, running=active == "active", pid=pid,
-                enabled=unit_state in ("enabled", "enabled-runtime", "linked", "alias"),
+    # Enabled: started at boot. "linked" alone is a unit systemd knows but
+    # does not start (elkeidctl disable); older systemd also says "linked"
+    # for one enabled by path, so look for the wants link then.
+    enabled = unit_state in ("enabled", "enabled-runtime", "alias") or (
+        unit_state in ("linked", "linked-runtime") and ctl.fx.exists(WANTS_LINK))
+    info.update(state=state, running=active == "active", pid=pid, enabled=enabled,
                 unit_file_state=unit_state or None,
                 restarts=_int(props.get("NRestarts")),
                 processes=sorted(procs))

@@ -80,9 +80,11 @@ class TransferStats:
 
 class Transport:
     def __init__(self, settings, queue, header, on_command, metrics, loop=None,
-                 executors=None):
+                 executors=None, on_state=None):
         """``header`` is a zero-argument callable returning the cached
         PackagedData header bytes; ``on_command(raw_bytes)`` must not raise.
+        ``on_state(text)`` hears one line whenever the connection comes or
+        goes (the agent passes it to systemd as its STATUS).
         ``executors``: the agent's ``Executors`` (the discovery lookup runs in
         its ``discovery`` pool); in-process users may pass none and get a
         private discovery pool, closed by ``stop``."""
@@ -90,6 +92,7 @@ class Transport:
         self.queue = queue
         self.header = header
         self.on_command = on_command
+        self.on_state = on_state
         self.metrics = metrics
         self.stats = TransferStats()
         self.net_mode = "unknown"
@@ -211,11 +214,14 @@ class Transport:
             if not connected:
                 delay = self._backoff.failed()
                 log.warning("no AgentCenter endpoint reachable; retrying in %.1f s", delay)
+                self._state("no AgentCenter endpoint reachable; retrying in %.1f s" % delay)
                 await asyncio.sleep(delay)
                 continue
             self._backoff.connected()
             ended, problem = await self._stream()
             await self._close_channel()
+            if not self._stopping and ended.next != FINISHED:
+                self._state("disconnected from %s; reconnecting" % self.connected_to)
             if problem is not None:
                 self.metrics.inc("transport_stream_errors")
                 log.warning("transfer stream lost (%s: %s); reconnecting", type(problem).__name__,
@@ -281,6 +287,13 @@ class Transport:
         channel, self.channel = self.channel, None
         await _close_quietly(channel)
 
+    def _state(self, text):
+        if self.on_state is not None:
+            try:
+                self.on_state(text)
+            except Exception:  # a status line must never break the stream
+                log.exception("connection state callback failed")
+
     # ------------------------------------------------------------ stream
 
     async def _stream(self):
@@ -292,6 +305,7 @@ class Transport:
         call = method(compression=COMPRESSION[compression])
         self._call = call
         self._connected.set()
+        self._state("connected to %s (%s)" % (self.connected_to, self.net_mode))
         self.delivery.stream_started()
         sender = asyncio.ensure_future(self._send_loop(call))
         receiver = asyncio.ensure_future(self._recv_loop(call))

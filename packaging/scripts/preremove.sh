@@ -1,7 +1,8 @@
 #!/bin/sh
 # elkeid-agent pre-remove (deb prerm / rpm %preun), as Elkeid's
 # preremove.sh does it, on removal only (not on upgrade): disable the
-# service, stop the agent (and its plugins), remove its cgroups, logs,
+# service, stop the agent (and its plugins), unlink the systemd unit,
+# remove its cgroups, logs,
 # plugins, machine-id, specified_env, cron file, pid files and the zipapp's
 # extraction cache, so that removing the package leaves nothing behind.
 # Quiet on success; if disabling the service fails: its output, one line
@@ -52,6 +53,12 @@ rm -f /etc/init.d/elkeid-agent
 if ! out=$("$ctl" stop 2>&1); then
     printf '%s\n' "$out" >&2
     echo "elkeid-agent: pre-remove: warning: stopping the agent failed; removing anyway" >&2
+fi
+# elkeidctl disable leaves the unit linked (known to systemd, not started
+# at boot); unlink it now that it is stopped, if the link is ours.
+unit_link=/etc/systemd/system/elkeid-agent.service
+if [ -L "$unit_link" ] && [ "$(readlink "$unit_link")" = "$root/elkeid-agent.service" ]; then
+    rm -f "$unit_link"
 fi
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload >/dev/null 2>&1
