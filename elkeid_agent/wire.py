@@ -14,7 +14,7 @@ its default mode keeps insertion order), so tests/test_wire.py checks with
 hypothesis that the library parses our bytes to the same content, with the
 same length.
 
-Wire facts relied on (PROTOCOL.md section 1): a serialized ``Record`` is also
+Wire facts relied on (docs/protocol.md section 1): a serialized ``Record`` is also
 a valid serialized ``EncodedRecord`` because field 3 is length-delimited in
 both, so a plugin frame body is forwarded unchanged as one
 ``PackagedData.records`` entry: ``0x0a varint(N) body``.

@@ -34,8 +34,9 @@ import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# One grpcio release with wheels for all five ABIs (DESIGN.md "Facts"), the
-# protobuf runtime the checked-in gencode needs, grpcio's one dependency.
+# One grpcio release with wheels for all five ABIs (1.80.1 is the newest with
+# a cp39 wheel; docs/operations.md), the protobuf runtime the checked-in
+# gencode needs, grpcio's one dependency.
 GRPCIO = ("grpcio", "1.80.1")
 PROTOBUF = ("protobuf", "6.33.6")
 TYPING_EXTENSIONS = ("typing_extensions", "4.16.0")

@@ -48,7 +48,7 @@ def test_classify_drops_non_global_unicast(ip):
     ("10.0.0.0", True), ("10.255.255.255", True), ("11.0.0.1", False), ("9.255.255.255", False),
     ("172.15.255.255", False), ("172.16.0.0", True), ("172.31.255.255", True),
     ("172.32.0.0", False),
-    ("172.48.0.1", False),   # Go's ip4[1]&0x10 test calls this private; PROTOCOL.md does not
+    ("172.48.0.1", False),   # outside 172.16/12 (docs/protocol.md section 5)
     ("172.240.0.1", False),
     ("192.168.0.1", True), ("192.169.0.1", False), ("192.167.255.255", False),
     ("100.64.0.1", False), ("240.0.0.1", False), ("192.0.2.2", False)])
@@ -59,7 +59,7 @@ def test_classify_ipv4_private_ranges(ip, private):
 
 @pytest.mark.parametrize("ip,private", [
     ("fd00::1", True), ("fdff:ffff::1", True),
-    ("fc00::1", False),      # fc00::/8 is not private per PROTOCOL.md
+    ("fc00::1", False),      # fc00::/8 is not private per docs/protocol.md section 5
     ("fec0::1", False), ("2001:db8::1", False), ("64:ff9b::1.2.3.4", False)])
 def test_classify_ipv6_private_ranges(ip, private):
     _, _, priv, pub = classify([("eth0", ip)])

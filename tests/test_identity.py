@@ -1,4 +1,4 @@
-"""Agent id derivation (PROTOCOL.md 7, Elkeid agent/agent/id.go)."""
+"""Agent id derivation (docs/protocol.md section 7, Elkeid's agent/agent/id.go)."""
 
 import os
 import stat
@@ -127,7 +127,7 @@ def test_placeholder_names_are_case_sensitive_except_tbd(workdir, root):
 
 
 def test_missing_product_name_falls_back_to_machine_id(workdir, root):
-    # Go would leave the id empty here; PROTOCOL.md says fall through.
+    # Go would leave the id empty here; docs/protocol.md section 7: fall through.
     hardware_host(root, name=None)
     put(root, identity.MACHINE_ID, "00112233445566778899aabbccddeeff\n")
     assert run(workdir, root) == "00112233-4455-6677-8899-aabbccddeeff"

@@ -1,5 +1,5 @@
 """deb and rpm packages, the systemd unit, the sysvinit script, the cron file
-and the install scripts (PROTOCOL.md section 7).
+and the install scripts (docs/protocol.md section 7).
 
 The packages are built once per session with ``./build.sh packages``. The
 install scripts run for real in a private mount namespace, where

@@ -6,7 +6,7 @@ from elkeid_agent.plugins.policy import (MiB, LimitEvaluator, Policy, RateMeter,
     TokenBucket, describe_exit)
 
 
-def test_defaults_match_the_issue_and_seeds():
+def test_defaults_match_the_issue_and_the_daemon_design():
     p = Policy()
     assert p.backoff == (0.0, 10.0, 30.0, 60.0)
     assert p.healthy_reset == 300.0 and p.stop_timeout == 10.0

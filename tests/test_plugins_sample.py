@@ -1,4 +1,4 @@
-"""The seeds/004 sample plugin: build, config, heartbeat, HTTP API, tasks,
+"""The sample plugin (docs/protocol.md section 9.4): build, config, heartbeat, HTTP API, tasks,
 load mode, signals, logs - run as a real plugin under the supervisor."""
 
 import asyncio

@@ -116,7 +116,7 @@ def test_plugin_policy_settings_reach_the_supervisor_policy(tmp_path):
     assert (policy.max_failures, policy.limit_window) == (3, 30.0)
     assert (policy.healthy_reset, policy.stop_timeout) == (120.0, 2.5)
     assert S.public_view(s)["plugin_policy"]["backoff"] == [0.0, 5.0]
-    # Unset knobs keep the seeds/003 defaults.
+    # Unset knobs keep the defaults of docs/protocol.md section 9.
     assert Policy.from_overrides(**S.load({}, {}, workdir=str(tmp_path / "x")).plugin_policy) \
         == Policy()
 

@@ -67,7 +67,7 @@ def test_packaged_data_identical_to_protobuf(h, recs):
 
 
 def test_record_forwarded_as_encoded_record():
-    # PROTOCOL 1: a plugin's Record body is a valid EncodedRecord.
+    # docs/protocol.md section 1: a plugin's Record body is a valid EncodedRecord.
     body = lib_record(2001, 1700000000, {"exe": "/bin/sh", "pid": "1"}).SerializeToString()
     msg = pb.PackagedData.FromString(wire.packaged_data([body, body], b""))
     assert len(msg.records) == 2

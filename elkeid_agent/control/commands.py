@@ -1,4 +1,4 @@
-"""Where a server Command enters: decoding and routing (PROTOCOL.md 2-3).
+"""Where a server Command enters: decoding and routing (docs/protocol.md sections 2-3).
 
 ``decide`` is pure: raw Command bytes in, one decision out. A Command holds
 either a task or a configs list, never both acted on: with a task present the

@@ -1,7 +1,7 @@
 """Host facts for the PackagedData header and the heartbeat.
 
 This module owns what the Go agent keeps in ``agent/host``: hostname, the
-private/public IPv4/IPv6 lists (PROTOCOL.md 5) and the platform triple and
+private/public IPv4/IPv6 lists (docs/protocol.md section 5) and the platform triple and
 kernel facts (gopsutil v3 ``host.PlatformInformation`` / ``KernelVersion`` /
 ``KernelArch``, which Elkeid reports in every heartbeat).
 
@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
-# PROTOCOL.md 5: at most five private addresses of each family are sent.
+# docs/protocol.md section 5: at most five private addresses of each family are sent.
 MAX_PRIVATE = 5
 SKIP_PREFIXES = ("lo", "docker")
 
@@ -49,7 +49,7 @@ class HostInfo:
 # --- address classification (pure) -------------------------------------------------
 
 def _is_private_v4(packed: bytes) -> bool:
-    # PROTOCOL.md: exactly 172.16/12 (Go's ip4[1]&0x10 test also matches 172.48-63 etc.).
+    # docs/protocol.md section 5: exactly 172.16/12.
     a, b = packed[0], packed[1]
     return a == 10 or (a == 172 and 16 <= b <= 31) or (a == 192 and b == 168)
 

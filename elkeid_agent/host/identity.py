@@ -1,4 +1,4 @@
-"""The agent id: how it is derived and where it is kept (PROTOCOL.md section 7).
+"""The agent id: how it is derived and where it is kept (docs/protocol.md section 7).
 
 This module owns the choice of the agent id and the ``<workdir>/machine-id``
 file. The derivation follows Elkeid's ``agent/agent/id.go`` byte for byte
@@ -6,7 +6,7 @@ file. The derivation follows Elkeid's ``agent/agent/id.go`` byte for byte
 placeholder lists), because the id is the key under which AgentCenter stores a
 host: computing a different id for the same machine would make it a new host.
 
-Where PROTOCOL.md and the Go code differ, PROTOCOL.md wins:
+Where docs/protocol.md section 7 departs from the Go code, we follow it:
 - the id is always saved, also when it comes from ``SPECIFIED_AGENT_ID``;
 - when the cloud/DMI source is rejected because of a placeholder or missing
   ``product_name``, Go leaves the id empty; we go on to ``/etc/machine-id``.

@@ -1,4 +1,4 @@
-"""Operator debugging aids behind the agent's signals (PROTOCOL.md section 7).
+"""Operator debugging aids behind the agent's signals (docs/protocol.md section 7).
 
 Owns:
 

@@ -1,4 +1,4 @@
-"""The sysvinit-mode pid file lock (PROTOCOL.md section 7).
+"""The sysvinit-mode pid file lock (docs/protocol.md section 7).
 
 Owns ``/var/run/elkeid-agent.pid``: the running agent holds an exclusive
 ``flock`` on it and keeps its pid in it; ``elkeidctl`` (status, check, stop)

@@ -2,7 +2,7 @@
 
 A plugin is an executable the agent starts with the task pipe on fd 3, the
 record pipe on fd 4 and, when ``ELKEID_PLUGIN_HIGH_PRIORITY_PIPE`` is set, a
-high-priority record pipe on fd 5 (PROTOCOL.md section 1)::
+high-priority record pipe on fd 5 (docs/protocol.md section 1)::
 
     from elkeid_agent.sdk import Client
     client = Client()

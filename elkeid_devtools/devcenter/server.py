@@ -3,7 +3,7 @@
 Owns the ``DevCenter`` class: a grpc.aio server with mutual TLS serving
 ``/grpc.Transfer/Transfer`` (PackagedData up, Command down) and
 ``/grpc.FileExt/Upload``, the table of connected agents, command delivery,
-the agents' current configs (pushed on every new connection, PROTOCOL.md
+the agents' current configs (pushed on every new connection, docs/protocol.md
 section 8), and the hooks tests use (``send_command``, ``disconnect``,
 ``wait_for_agent``, ``wait_for_records``). The HTTP API (httpapi.py), the
 store (store.py) and the live summary (summary.py) hang off it.
