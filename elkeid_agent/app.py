@@ -193,7 +193,8 @@ class Agent:
         except ImportError:
             return None
         return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state,
-                                executors=self.executors, **self.settings.plugin_policy)
+                                executors=self.executors, owner=self.owner,
+                                **self.settings.plugin_policy)
 
     # ------------------------------------------------------------ commands
 

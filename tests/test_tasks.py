@@ -106,3 +106,33 @@ def test_close_does_not_restart_and_cancel_stops_one_task():
         await owner.close()
         assert metrics.total("tasks_crashed") == 0
     run(main())
+
+
+def test_the_plugin_monitor_runs_under_the_owner(tmp_path):
+    from elkeid_agent.buffer.queue import RecordQueue
+    from elkeid_agent.plugins.supervisor import PluginSupervisor
+
+    async def main():
+        metrics, state = Registry(), AgentState()
+        owner = TaskOwner(metrics, state, restart_delays=(0.01,), healthy_after=60)
+        sup = PluginSupervisor(str(tmp_path), RecordQueue(1 << 20, metrics), metrics, state,
+                               owner=owner)
+        rounds = []
+        again = asyncio.Event()
+
+        async def monitor():
+            rounds.append(1)
+            if len(rounds) == 1:
+                raise RuntimeError("a bad /proc sample nobody foresaw")
+            again.set()
+            await asyncio.sleep(3600)
+
+        sup._monitor_loop = monitor
+        await sup.start()
+        await asyncio.wait_for(again.wait(), 10)
+        assert owner.running("plugin-monitor")
+        assert metrics.get("tasks_crashed", task="plugin-monitor") == 1
+        await sup.shutdown()
+        assert not owner.running("plugin-monitor")
+        await owner.close()
+    run(main())

@@ -75,9 +75,12 @@ class _SyncGroup:
 
 class PluginSupervisor:
     def __init__(self, workdir, queue, metrics, state, loop=None, system=None,
-                 executors=None, **policy_overrides):
+                 executors=None, owner=None, **policy_overrides):
         """``executors``: the agent's runtime.executors.Executors (kinds
-        download, process, housekeeping, files); a private set when None."""
+        download, process, housekeeping, files); a private set when None.
+        ``owner``: the agent's runtime.tasks.TaskOwner, which then runs (and
+        restarts, should it ever crash) the monitor; without one the
+        supervisor runs it in a task of its own."""
         self.policy = Policy.from_overrides(**policy_overrides)
         self.workdir = workdir
         self.plugin_root = os.path.join(workdir, "plugin")
@@ -98,6 +101,7 @@ class PluginSupervisor:
         self._started = False
         self._closing = False
         self._monitor = None
+        self._owner = owner
         self._boot_id = None
         for name, text in (
                 ("plugin_records", "records received from plugins"),
@@ -138,7 +142,11 @@ class PluginSupervisor:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         if self._monitor is None:
-            self._monitor = self.loop.create_task(self._monitor_loop(), name="plugin-monitor")
+            if self._owner is not None:
+                self._monitor = self._owner.spawn("plugin-monitor", self._monitor_loop)
+            else:
+                self._monitor = self.loop.create_task(self._monitor_loop(),
+                                                      name="plugin-monitor")
         try:
             killed = await self.executors.run("process", self._sweep)
         except Exception as exc:  # the monitor must run whatever the sweep met
@@ -216,8 +224,11 @@ class PluginSupervisor:
             self._group.supersede()
         await asyncio.gather(*list(self._jobs), return_exceptions=True)
         if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
+            if self._owner is not None:
+                await self._owner.cancel("plugin-monitor")
+            else:
+                self._monitor.cancel()
+                await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
         async with self._sync_lock():
             runners = list(self._runners.values())
