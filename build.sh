@@ -88,7 +88,7 @@ system_tools() {
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v rpm >/dev/null 2>&1 || missing+=(rpm)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-    [ -x /usr/bin/prometheus-node-exporter ] || missing+=(prometheus-node-exporter)
+    command -v prometheus-node-exporter >/dev/null 2>&1 || missing+=(prometheus-node-exporter)
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${missing[*]} for the tests"

@@ -419,7 +419,7 @@ def test_systemd_status_line_follows_the_connection(tmp_path, start_agent):
         a = start_agent("status-line", "--server", dc.grpc, *dc.cert_args, server=False,
                         env={"NOTIFY_SOCKET": sock_path, "ELKEID_RECONNECT_DELAY": "0.2"})
         assert next_status("connecting") == "connecting"  # with READY=1
-        assert next_status("connected") == "connected to %s (net_mode private)" % dc.grpc
+        assert next_status("connected") == "connected to %s (private)" % dc.grpc
         dc.stop()
         assert next_status("disconnected").startswith("disconnected from %s" % dc.grpc)
         assert next_status("no AgentCenter endpoint reachable")

@@ -273,14 +273,16 @@ def test_upgrade_replacing_the_file_never_runs_stale_code(pyz, tmp_path, site_di
         assert "same version, other content" in f.read()
 
 
-def test_old_version_in_use_is_kept_until_its_process_exits(pyz, tmp_path, site_dir):
+def test_old_version_in_use_is_kept_until_its_process_exits(pyz, tmp_path, site_dir, devcenter):
     cache = tmp_path / "c"
     installed = str(tmp_path / "elkeid-agent")
     shutil.copy(pyz, installed)
     workdir = tmp_path / "wd"
-    # A running agent of the old version (no server: it keeps retrying).
+    # A running agent of the old version (no server: it keeps retrying; valid
+    # TLS files, without which it would refuse to start).
     agent = subprocess.Popen([SYSTEM_PY, installed, "run", "--workdir", str(workdir),
-                              "--server", "127.0.0.1:9", "--agent-id", "zipapp-keep"],
+                              "--server", "127.0.0.1:9", "--agent-id", "zipapp-keep"]
+                             + devcenter.cert_args,
                              env=env_for(cache), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
     try:
