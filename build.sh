@@ -72,7 +72,8 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
 }
 
 # System tools some tests use: debootstrap (the Debian chroot install test),
-# rpm (rpm -qpl and scriptlets), systemd-analyze (unit check). Installed
+# rpm (rpm -qpl and scriptlets), systemd-analyze (unit check),
+# prometheus-node-exporter (host metrics cross-check). Installed
 # only when missing and only as root with apt-get; elsewhere those tests
 # say what they lack.
 system_tools() {
@@ -80,6 +81,7 @@ system_tools() {
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v rpm >/dev/null 2>&1 || missing+=(rpm)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    [ -x /usr/bin/prometheus-node-exporter ] || missing+=(prometheus-node-exporter)
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${missing[*]} for the packaging tests"
         apt-get update -qq

@@ -55,6 +55,7 @@ def test_workers_are_daemon_threads_and_close_cancels_waiting_jobs():
         ex = Executors(kinds={"files": (1, 4)})
         release = threading.Event()
         running = asyncio.ensure_future(ex.run("files", release.wait))
+        await asyncio.sleep(0)  # let it submit, then wait until a worker holds it
         while ex._pools["files"].waiting():
             await asyncio.sleep(0.01)
         queued = asyncio.ensure_future(ex.run("files", release.wait))

@@ -340,7 +340,11 @@ def busy_fraction(t1: Tuple[float, float], t2: Tuple[float, float]) -> float:
 
 def _meminfo(root: str) -> Dict[str, int]:
     """/proc/meminfo in bytes; malformed lines are skipped."""
-    text = _read_text(_path(root, "proc/meminfo"))
+    return parse_meminfo(_read_text(_path(root, "proc/meminfo")))
+
+
+def parse_meminfo(text: Optional[str]) -> Dict[str, int]:
+    """The text of /proc/meminfo in bytes; malformed lines are skipped."""
     out = {}
     for line in (text or "").splitlines():
         key, sep, value = line.partition(":")
