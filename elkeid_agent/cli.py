@@ -36,6 +36,9 @@ def _run_parser():
     run.add_argument("--agent-id", metavar="ID", help="overrides SPECIFIED_AGENT_ID")
     run.add_argument("--heartbeat-interval", metavar="SECONDS")
     run.add_argument("--compression", metavar="none|gzip|auto")
+    run.add_argument("--status-addr", metavar="127.0.0.1:PORT",
+                     help="serve /health, /metrics, /services and POST /heartbeat there "
+                          "(loopback only; default off)")
     sub.add_parser("ctl", help="service control (same as elkeidctl)", add_help=False)
     return p
 
