@@ -77,10 +77,10 @@ class ControlServer:
     async def start(self):
         """Listen. Raises ControlError when another live agent holds the
         socket or it cannot be made."""
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        addr, dirfd = bindable(self.path)
+        dirfd = None
         try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            addr, dirfd = bindable(self.path)
             if os.path.lexists(self.path):
                 if self._alive(addr):
                     raise ControlError("another agent answers on %s" % self.path)
