@@ -27,7 +27,12 @@ from elkeid_agent.app import Agent  # noqa: E402
 from elkeid_agent.host.metrics import Collectors  # noqa: E402
 from elkeid_agent.services.config import Collector  # noqa: E402
 
-SLEEPER = [sys.executable, "-c", "import time\nwhile True: time.sleep(60)"]
+# The services die with the fake agent however it ends (PR_SET_PDEATHSIG =
+# prctl option 1, SIGKILL = 9), so a test that SIGKILLs it leaves nothing.
+SLEEPER = [sys.executable, "-c", "import ctypes, os, sys, time\n"
+           "ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)\n"
+           "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+           "while True: time.sleep(60)", str(os.getpid())]
 
 
 class FakeSupervisor:
