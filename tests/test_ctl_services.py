@@ -186,3 +186,17 @@ def test_workdir_applies_to_every_command(tmp_path):
     assert rc == 6 and str(tmp_path / "empty" / "specified_env") in err
     rc, out, err = ctl("--workdir", "", "status")
     assert rc == 2 and "--workdir" in err
+
+
+def test_a_workdir_deeper_than_sun_path_still_works(tmp_path):
+    wd = tmp_path / ("d" * 60) / ("e" * 60)
+    sock = ctlsock.socket_path(str(wd))
+    assert len(sock) > ctlsock.MAX_SUN_PATH
+    a = AgentProc(wd, ["--agent-id", "deep"], command=FAKE_AGENT)
+    try:
+        wait_until(lambda: os.path.exists(sock) or not a.alive, 60, what="control socket")
+        rc, out, err = ctl("--workdir", str(wd), "services", "--json")
+        assert rc == 0, err
+        assert [s["id"] for s in json.loads(out)] == ["alpha", "beta"]
+    finally:
+        assert a.stop() == 0, a.log_text()

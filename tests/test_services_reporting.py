@@ -157,3 +157,27 @@ def test_a_change_is_reported_at_once_and_the_state_repeats_each_heartbeat(repor
         return rows if rows["alpha"]["restarts"] == 1 else None
     rows = wait_until(relisted, 60, what="GET /services to show the restart")
     assert str(rows["alpha"]["pid"]) == new[-1]["fields"]["pid"]
+
+
+def test_devcenter_store_keeps_the_newest_state_even_when_an_old_one_arrives_late(tmp_path):
+    from elkeid_devtools.devcenter.store import Store
+
+    def message(status, ts):
+        rec = grpc_pb2.Record()
+        rec.ParseFromString(records.service_record(status, now=ts))
+        pd = grpc_pb2.PackagedData(agent_id="a1")
+        pd.records.add(data_type=rec.data_type, timestamp=rec.timestamp,
+                       data=rec.data.SerializeToString())
+        return pd, pd.SerializeToString()
+
+    store = Store(str(tmp_path / "dc.db"), str(tmp_path / "uploads"))
+    store.open()
+    try:
+        store.add_message(*message(dict(STATUS, state="running", pid=7), 200))
+        store.add_message(*message(dict(STATUS, state="backoff", pid=0), 100))  # a replay
+        wait_until(lambda: store.count(data_type=1020) == 2, 30, what="both records stored")
+        [row] = store.services()
+        assert (row["state"], row["pid"], row["timestamp"]) == ("running", 7, 200)
+        assert row["checks"] == STATUS["checks"] and row["cpu"] == 12.5
+    finally:
+        store.close()
