@@ -36,7 +36,9 @@ from .errors import AgentError, LocalFault
 from .host.heartbeat import Heartbeat
 from .metrics import Registry
 from .buffer.queue import RecordQueue
+from .runtime.ctlsock import ControlError, ControlServer, socket_path
 from .runtime.executors import Executors
+from .services.records import Reports
 from .runtime.tasks import TaskOwner
 from .runtime.ticker import Ticker
 from .state import AgentState
@@ -65,6 +67,15 @@ class Agent:
         self.log_handles = None
         self.debug = None
         self.pidlock = None
+        # Local services and host metrics: the services supervisor
+        # (services/supervisor.py) and the host collectors (host/metrics.py)
+        # when configured; reported to the server, the status endpoint and
+        # the control socket whenever they are set.
+        self.services = None
+        self.collectors = None
+        self.status = None
+        self.control = None
+        self.reports = Reports(self.queue.put_own)
         self._stop = None
         self._stop_reason = ""
         # Owns every long-lived task: a crash is logged, counted, marked
@@ -180,6 +191,7 @@ class Agent:
         self._install_signals(loop)
         self.owner.spawn("transport", self.transport.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
+        await self._start_local_reporting()
         sdnotify.ready("connecting")
 
     def _dispatcher(self):
@@ -195,6 +207,53 @@ class Agent:
         return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state,
                                 executors=self.executors, owner=self.owner,
                                 **self.settings.plugin_policy)
+
+    # ------------------------------------------------------------ local services
+
+    async def _start_local_reporting(self):
+        """Reports of local services and host metrics to the server, the
+        control socket elkeidctl talks to, and the opt-in status endpoint.
+        None of them is fatal: the agent's own job goes on without them."""
+        if self.services is not None:
+            self.services.on_change(self.reports.service_changed)
+        self.owner.spawn("host metrics reports", self._host_metrics_loop)
+        self.control = ControlServer(socket_path(self.settings.workdir), self.metrics,
+                                     services=lambda: self.services)
+        try:
+            await self.control.start()
+        except ControlError as e:
+            self.control = None
+            self.state.set_abnormal("control", str(e))
+            log.error("elkeidctl cannot reach this agent: %s", e)
+        if self.settings.status_addr:
+            await self._start_status()
+
+    async def _start_status(self):
+        from .runtime.status import StatusEndpoint
+        host, port = self.settings.status_addr
+        status = StatusEndpoint(host, port, self.metrics, self.state,
+                                lambda: self.transport.connected,
+                                services=lambda: self.services,
+                                collectors=lambda: self.collectors,
+                                info={"version": __version__, "agent_id": self.agent_id},
+                                started_at=self.started_at)
+        try:
+            await status.start()
+        except OSError as e:
+            self.state.set_abnormal("status", "status endpoint %s:%d: %s"
+                                    % (host, port, e.strerror or e))
+            log.error("status endpoint: cannot listen on %s port %d: %s", host, port, e)
+            return
+        self.status = status
+        log.info("status endpoint listening on http://%s/", status.address)
+
+    async def _host_metrics_loop(self):
+        # Collectors keep their latest round; polling it keeps host/metrics.py
+        # free of a reporting hook. A round is reported within a second.
+        while True:
+            if self.collectors is not None:
+                self.reports.collector_rounds(self.collectors.latest)
+            await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------ commands
 
@@ -232,6 +291,8 @@ class Agent:
             self.refresh_host()
             for body in self.heartbeat.records(time.time()):
                 self.queue.put_own(body)
+            if self.services is not None:
+                self.reports.services(self.services.status())
         except Exception:  # a broken collector must not stop the heartbeat timer
             log.exception("heartbeat failed")
             self.metrics.inc("heartbeat_errors")
@@ -265,6 +326,10 @@ class Agent:
         log.info("shutting down (%s)", self._stop_reason or "requested")
         sdnotify.stopping()
         await self.owner.cancel("heartbeat")
+        if self.status is not None:
+            await self.status.stop()
+        if self.control is not None:
+            await self.control.stop()
         if self.plugins is not None:
             try:
                 await self.plugins.shutdown()

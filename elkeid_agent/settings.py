@@ -13,6 +13,7 @@ flags set the default region. A region is "configured" when it has at least
 one endpoint; task 1051 may switch only to a configured region.
 """
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -100,6 +101,10 @@ class Settings:
     remote_log_per_minute: int = 60
     debug_port: int = 0  # 0: an ephemeral loopback port when toggled on
     pidfile: str = "/var/run/elkeid-agent.pid"
+    # The status endpoint (/health, /metrics, /services, POST /heartbeat) is
+    # opt-in: (host, port) on a loopback address, None = off. Off by default
+    # because it shows internals to every local user.
+    status_addr: Optional[Tuple[str, int]] = None
     # Plugin supervision knobs set by the user (plugins.policy.Policy field
     # -> value); unset ones keep the Policy defaults.
     plugin_policy: Dict[str, object] = field(default_factory=dict)
@@ -178,6 +183,29 @@ def check_hostport(value, what):
     return value
 
 
+def loopback_addr(value, what):
+    """``127.0.0.1:PORT`` or ``[::1]:PORT`` -> (host, port). Anything that
+    is not a literal loopback address is refused: the pages it serves are
+    for this host only, and a name could resolve anywhere."""
+    text = str(value).strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not port.isascii() or len(port) > 5:
+        raise ConfigError("%s must be 127.0.0.1:PORT or [::1]:PORT, got %r" % (what, text))
+    if not 0 < int(port) < 65536:
+        raise ConfigError("%s port must be 1-65535, got %r" % (what, text))
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError("%s must be a loopback address (127.0.0.1 or ::1), got %r"
+                          % (what, text))
+    return host, int(port)
+
+
 def _number(value, what, kind=float, minimum=None, maximum=None):
     try:
         n = kind(value)
@@ -227,6 +255,7 @@ _SCALARS = {
     "reconnect_delay": (("ELKEID_RECONNECT_DELAY",),
                         lambda v: _number(v, "reconnect delay", float, 0.01, 3600)),
     "pidfile": (("ELKEID_PIDFILE",), _text("pid file path", maximum=4096)),
+    "status_addr": (("ELKEID_STATUS_ADDR",), lambda v: loopback_addr(v, "status address")),
 }
 
 
@@ -368,6 +397,8 @@ def public_view(s):
         "workdir": s.workdir, "region": s.region, "idc": s.idc,
         "service_type": s.service_type, "server_name": s.server_name,
         "compression": s.compression, "heartbeat_interval": s.heartbeat_interval,
+        "status_addr": (("[%s]:%d" if ":" in s.status_addr[0] else "%s:%d") % s.status_addr
+                        if s.status_addr else None),
         "regions": {r: e.__dict__ for r, e in s.regions.items()},
         "plugin_policy": {k: list(v) if isinstance(v, tuple) else v
                           for k, v in s.plugin_policy.items()},

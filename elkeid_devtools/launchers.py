@@ -195,7 +195,9 @@ class DevCenterProc:
 
 
 class AgentProc:
-    def __init__(self, workdir, args=(), env=None, die_with_parent=False):
+    def __init__(self, workdir, args=(), env=None, die_with_parent=False, command=None):
+        """``command`` replaces ``python -m elkeid_agent run`` (a test's
+        wrapper around the same Agent); ``--workdir`` and ``args`` follow."""
         self.workdir = str(workdir)
         try:
             os.makedirs(self.workdir, exist_ok=True)
@@ -203,7 +205,8 @@ class AgentProc:
             pass  # tests of an unusable workdir: the agent must cope
         fd, self.stderr_path = tempfile.mkstemp(prefix="elkeid-agent-", suffix=".stderr")
         self.stderr = os.fdopen(fd, "wb")
-        cmd = [PY, "-m", "elkeid_agent", "run", "--workdir", self.workdir] + list(args)
+        cmd = list(command or [PY, "-m", "elkeid_agent", "run"]) + ["--workdir", self.workdir] + \
+            list(args)
         cwd = self.workdir if os.path.isdir(self.workdir) else None
         self.proc = subprocess.Popen(_command(cmd, die_with_parent), stdin=subprocess.DEVNULL,
                                      stdout=self.stderr, stderr=self.stderr, env=_env(env),

@@ -6,6 +6,10 @@
     elkeidctl unset --service_type --id --idc --region
     elkeidctl cgroup [--apply] [--json]
     elkeidctl cleanup | service-reload
+    elkeidctl services [--json] | services restart|stop|start ID | services reload
+
+``--workdir DIR`` (or ``ELKEID_WORKDIR``; default /etc/elkeid) before the
+command says where the agent's files are, for every command.
 
 The same subcommands and flags as the Go elkeidctl, in systemd and sysvinit
 mode (``service_type`` in /etc/elkeid/specified_env). Every failure is one
@@ -13,12 +17,13 @@ line on stderr and a non-zero exit code (see layout.py); never a traceback.
 """
 
 import argparse
+import os
 import sys
 
 from .layout import EXIT_FAILURE, EXIT_USAGE, CtlError
 
 COMMANDS = ("start", "stop", "restart", "status", "enable", "disable", "check", "set",
-            "unset", "cgroup", "cleanup", "service-reload")
+            "unset", "cgroup", "cleanup", "service-reload", "services")
 SET_FLAGS = ("service_type", "id", "idc", "region", "server", "service_discovery",
              "public_server")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; the message asks for a report
@@ -35,6 +40,7 @@ _HELP = {
     "cgroup": "show (or --apply) the agent's cgroup and limits",
     "cleanup": "remove leftovers: legacy cgroup mounts, stray cgroup members, stale pid files",
     "service-reload": "make the service manager re-read its files",
+    "services": "list the running agent's local services, or restart|stop|start|reload them",
 }
 
 
@@ -76,6 +82,8 @@ def _parser(out, err):
     p = _Parser(prog="elkeidctl", out=out, err=err,
                 description="Control the elkeid-agent service (systemd or sysvinit).")
     p.add_argument("--version", action="version", version=version_line())
+    p.add_argument("--workdir", metavar="DIR",
+                   help="the agent's directory (default: $ELKEID_WORKDIR, else /etc/elkeid)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name):
@@ -86,6 +94,15 @@ def _parser(out, err):
                  "service-reload"):
         add(name)
     add("status").add_argument("--json", action="store_true", help="print JSON")
+    sv = add("services")
+    sv.add_argument("--json", action="store_true", help="print the list as JSON")
+    actions = sv.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (("restart", "stop and start a service now"),
+                       ("stop", "stop a service and keep it stopped"),
+                       ("start", "start a stopped or failed service")):
+        actions.add_parser(name, help=text, description=text, out=out, err=err) \
+            .add_argument("service_id", metavar="ID")
+    actions.add_parser("reload", help="re-read the services file", out=out, err=err)
     cg = add("cgroup")
     cg.add_argument("--apply", action="store_true",
                     help="create the cgroup with its limits and move the agent into it")
@@ -107,7 +124,7 @@ def _parser(out, err):
 def parse(argv, out, err):
     argv = list(argv)
     p = _parser(out, err)
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first = _first_word(argv)
     if first is not None and first not in COMMANDS:
         p.error("unknown command %r (commands: %s)" % (first, ", ".join(COMMANDS)))
     args = p.parse_args(argv)
@@ -115,12 +132,30 @@ def parse(argv, out, err):
         p.print_usage()
         err.write("elkeidctl: error: a command is required (commands: %s)\n" % ", ".join(COMMANDS))
         raise _Exit(EXIT_USAGE)
+    workdir = args.workdir if args.workdir is not None else os.environ.get("ELKEID_WORKDIR")
+    if workdir is not None and (not workdir.strip() or "\x00" in workdir):
+        p.error("--workdir needs a directory, got %r" % workdir)
+    args.workdir = workdir or None
     if args.command in ("set", "unset"):
         chosen = [f for f in SET_FLAGS if getattr(args, f) not in (None, False)]
         if not chosen:
             p.error("%s needs at least one of %s" % (
                 args.command, " ".join("--" + f for f in SET_FLAGS)))
     return args
+
+
+def _first_word(argv):
+    """The command: the first word that is not an option or the value of
+    ``--workdir``."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
 
 
 def main(argv=None, fx=None, out=None, err=None):
@@ -154,11 +189,17 @@ def main(argv=None, fx=None, out=None, err=None):
 
 def _run(args, fx, out, err):
     from .commands import Ctl
+    from .layout import Paths
+    paths = Paths(args.workdir) if args.workdir else Paths()
+    cmd = args.command
+    if cmd == "services":
+        from . import services
+        return services.run(Ctl(fx, out, err, paths), args.action,
+                            getattr(args, "service_id", None), args.json)
     if fx is None:
         from ..osfx.service import ServiceEffects
         fx = ServiceEffects()
-    ctl = Ctl(fx, out, err)
-    cmd = args.command
+    ctl = Ctl(fx, out, err, paths)
     if cmd == "status":
         from .status import collect, render_json, render_table
         info, code = collect(ctl)

@@ -111,9 +111,10 @@ def detect(fx):
 class AgentCgroup:
     """The ``elkeid-agent`` cgroup(s) for this host's cgroup system."""
 
-    def __init__(self, fx, system=None):
+    def __init__(self, fx, system=None, mounts=CGROUP_MOUNTS):
         self.fx = fx
         self.system = system or detect(fx)
+        self.mounts = mounts  # where missing v1 hierarchies get mounted
 
     def paths(self):
         """{kind: agent cgroup dir} for the hierarchies that are mounted."""
@@ -157,7 +158,7 @@ class AgentCgroup:
         if not ({"cpu", "memory"} & (set(s.v1_roots) | set(wanted))) and "named" not in s.v1_roots:
             wanted.append("named")  # nothing else tracks the agent's processes
         for kind in wanted:
-            target = CGROUP_MOUNTS + "/" + kind
+            target = self.mounts + "/" + kind
             try:
                 self.fx.makedirs(target, 0o700)
             except OSError as e:

@@ -18,15 +18,15 @@ import json
 from .. import __version__
 from . import config, procs
 from .cgroups import AgentCgroup
-from .layout import (AGENT, AGENT_PATH, AGENT_PIDFILE, CRON_FILE, CRON_LINE, CRON_SOURCE,
-    CTL_PIDFILE, EXIT_BUSY, EXIT_NOT_INSTALLED, EXIT_OK, EXIT_PRIVILEGE, INIT_SCRIPT,
-    LEGACY_CGROUP, LOCK_TIMEOUT, LOG_FILE, SERVICE, START_TIMEOUT, SYSVINIT_SOURCE, TMP_DIR,
-    UNIT_FILE, CtlError)
+from .layout import (AGENT_PATH, AGENT_PIDFILE, CRON_FILE, CRON_LINE, CTL_PIDFILE, EXIT_BUSY,
+    EXIT_NOT_INSTALLED, EXIT_OK, EXIT_PRIVILEGE, INIT_SCRIPT, LEGACY_CGROUP, LOCK_TIMEOUT,
+    SERVICE, START_TIMEOUT, CtlError, Paths)
 
 
 class Ctl:
-    def __init__(self, fx, out, err):
+    def __init__(self, fx, out, err, paths=None):
         self.fx = fx
+        self.paths = paths or Paths()
         self._out = out
         self._err = err
         self._values = None
@@ -48,11 +48,11 @@ class Ctl:
 
     def values(self):
         if self._values is None:
-            self._values = config.read(self.fx)
+            self._values = config.read(self.fx, path=self.paths.specified_env)
         return self._values
 
     def mode(self):
-        return config.service_type(self.values())
+        return config.service_type(self.values(), self.paths.specified_env)
 
     def systemctl(self, *args, capture=False, check=True):
         tool = self.fx.which("systemctl")
@@ -154,14 +154,14 @@ class Ctl:
     def enable(self):
         self.need_root("enable")
         if self.mode() == "systemd":
-            self.systemctl("enable", UNIT_FILE)
+            self.systemctl("enable", self.paths.unit_file)
             return EXIT_OK
         if not self.fx.exists(INIT_SCRIPT):
-            if not self.fx.exists(SYSVINIT_SOURCE):
+            if not self.fx.exists(self.paths.sysvinit_source):
                 raise CtlError("%s is missing and %s is not installed to copy it from"
-                               % (INIT_SCRIPT, SYSVINIT_SOURCE), EXIT_NOT_INSTALLED)
+                               % (INIT_SCRIPT, self.paths.sysvinit_source), EXIT_NOT_INSTALLED)
             self.fx.makedirs("/etc/init.d", 0o755)
-            self.fx.copy(SYSVINIT_SOURCE, INIT_SCRIPT, 0o755)
+            self.fx.copy(self.paths.sysvinit_source, INIT_SCRIPT, 0o755)
         return self._rc_tool(("update-rc.d", SERVICE, "defaults"), ("chkconfig", "--add", SERVICE))
 
     def disable(self):
@@ -194,12 +194,12 @@ class Ctl:
 
     def set(self, pairs):
         self.need_root("set")
-        config.write(self.fx, config.changes_for_set(pairs))
+        config.write(self.fx, config.changes_for_set(pairs), self.paths.specified_env)
         return EXIT_OK
 
     def unset(self, flags):
         self.need_root("unset")
-        config.write(self.fx, config.changes_for_unset(flags))
+        config.write(self.fx, config.changes_for_unset(flags), self.paths.specified_env)
         return EXIT_OK
 
     def service_reload(self):
@@ -231,11 +231,12 @@ class Ctl:
                     fx.rmtree(LEGACY_CGROUP)
                 except OSError as e:
                     self.warn("cannot remove %s: %s" % (LEGACY_CGROUP, e.strerror or e))
-            cg = AgentCgroup(fx)
+            cg = AgentCgroup(fx, mounts=self.paths.cgroup_mounts)
             strays = []
             for pid in sorted(cg.members()):
                 cwd = fx.proc_link(pid, "cwd")
-                if cwd is None or cwd == "/etc/elkeid" or cwd.startswith("/etc/elkeid/"):
+                wd = self.paths.workdir
+                if cwd is None or cwd == wd or cwd.startswith(wd + "/"):
                     continue
                 strays.append(pid)
             for pid in strays:
@@ -247,8 +248,8 @@ class Ctl:
         for path in (AGENT_PIDFILE, CTL_PIDFILE):
             if self.stale_pid(path) is not None:
                 fx.remove(path)
-        if not running and fx.isdir(TMP_DIR):
-            fx.rmtree(TMP_DIR)
+        if not running and fx.isdir(self.paths.tmp_dir):
+            fx.rmtree(self.paths.tmp_dir)
         return EXIT_OK
 
     def cgroup(self, apply, as_json):
@@ -271,7 +272,7 @@ class Ctl:
                 self.say("service_type is systemd: the unit's CPUQuota and MemoryMax apply; "
                          "nothing to do")
         else:
-            cg = AgentCgroup(self.fx)
+            cg = AgentCgroup(self.fx, mounts=self.paths.cgroup_mounts)
             if apply:
                 holder = self.agent_holder()
                 pids = procs.agent_pids(self.fx, cg, holder) if holder is not None else set()
@@ -288,7 +289,7 @@ class Ctl:
 
     def _sysv_start(self, from_cron):
         fx = self.fx
-        cg = AgentCgroup(fx)
+        cg = AgentCgroup(fx, mounts=self.paths.cgroup_mounts)
         self.leave_agent_cgroup(cg)
         holder = self.agent_holder()
         if holder is not None:
@@ -299,13 +300,16 @@ class Ctl:
         if stale is not None:
             self.say("removing stale %s (pid %s is not running)" % (AGENT_PIDFILE, stale))
             fx.remove(AGENT_PIDFILE)
-        if not fx.exists(AGENT):
-            raise CtlError("%s is missing; reinstall the elkeid-agent package" % AGENT,
+        if not fx.exists(self.paths.agent):
+            raise CtlError("%s is missing; reinstall the elkeid-agent package" % self.paths.agent,
                            EXIT_NOT_INSTALLED)
         cgroup_procs = cg.prepare(self.warn)
         env = dict(self.values())
         env["PATH"] = AGENT_PATH
-        child = fx.spawn([AGENT, "run"], cwd="/etc/elkeid", env=env, cgroup_procs=cgroup_procs)
+        if not self.paths.default:
+            env["ELKEID_WORKDIR"] = self.paths.workdir
+        child = fx.spawn([self.paths.agent, "run"], cwd=self.paths.workdir, env=env,
+                         cgroup_procs=cgroup_procs)
         # Write the cron file even if the start fails: cron keeps retrying.
         self._install_cron()
         return self._wait_started(child, cg, cgroup_procs, from_cron)
@@ -327,7 +331,7 @@ class Ctl:
                     self.say("elkeid-agent is already running (pid %d)" % holder)
                     return EXIT_OK
                 raise CtlError("elkeid-agent exited with status %s right after start; see %s"
-                               % (status, LOG_FILE))
+                               % (status, self.paths.log_file))
             if fx.monotonic() >= deadline:
                 self.warn("elkeid-agent (pid %d) is running but has not taken %s after %d s"
                           % (child.pid, AGENT_PIDFILE, START_TIMEOUT))
@@ -343,8 +347,8 @@ class Ctl:
     def _install_cron(self):
         fx = self.fx
         line = CRON_LINE
-        if fx.exists(CRON_SOURCE):
-            line = fx.read_text(CRON_SOURCE) or CRON_LINE
+        if fx.exists(self.paths.cron_source):
+            line = fx.read_text(self.paths.cron_source) or CRON_LINE
         current = fx.read_text(CRON_FILE)
         if current == line:
             return
@@ -357,7 +361,7 @@ class Ctl:
         # First the cron file, or cron restarts what we are stopping.
         if fx.remove(CRON_FILE):
             self.restart_cron()
-        cg = AgentCgroup(fx)
+        cg = AgentCgroup(fx, mounts=self.paths.cgroup_mounts)
         self.leave_agent_cgroup(cg)
         holder = self.agent_holder()
         stale = self.stale_pid(AGENT_PIDFILE)

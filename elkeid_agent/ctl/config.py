@@ -42,42 +42,42 @@ _VALIDATE = {
 }
 
 
-def read(fx, required=True):
-    """The values of specified_env. Raises CtlError (exit 6) when the file
+def read(fx, required=True, path=SPECIFIED_ENV):
+    """The values of specified_env (``path``). Raises CtlError (exit 6) when the file
     is missing (if ``required``), unreadable, or has lines that do not parse."""
     try:
-        data = fx.read_bytes(SPECIFIED_ENV)
+        data = fx.read_bytes(path)
     except PermissionError:
         raise CtlError("cannot read %s: permission denied (run elkeidctl as root)"
-                       % SPECIFIED_ENV, EXIT_PRIVILEGE) from None
+                       % path, EXIT_PRIVILEGE) from None
     except OSError as e:
-        raise CtlError("cannot read %s: %s" % (SPECIFIED_ENV, e.strerror or e),
+        raise CtlError("cannot read %s: %s" % (path, e.strerror or e),
                        EXIT_NOT_CONFIGURED) from None
     if data is None:
         if required:
             raise CtlError(
                 "%s does not exist: this host is not set up. Run "
                 "'elkeidctl set --service_type=%s' (the package's post-install does this)."
-                % (SPECIFIED_ENV, SERVICE_TYPES_HELP), EXIT_NOT_CONFIGURED)
+                % (path, SERVICE_TYPES_HELP), EXIT_NOT_CONFIGURED)
         return {}
     values, problems = settings.parse_env_file(data.decode("utf-8", "replace"))
     if problems:
         lines = "; ".join("line %d: %s" % p for p in problems)
         raise CtlError("%s is corrupt (%s). Fix or remove those lines, then run "
-                       "elkeidctl again." % (SPECIFIED_ENV, lines), EXIT_NOT_CONFIGURED)
+                       "elkeidctl again." % (path, lines), EXIT_NOT_CONFIGURED)
     return values
 
 
-def service_type(values):
+def service_type(values, path=SPECIFIED_ENV):
     """The configured service type; CtlError (exit 6) if absent or unknown."""
     st = values.get("service_type") or values.get("SERVICE_TYPE")
     if not st:
         raise CtlError("service_type is not set in %s. Run 'elkeidctl set --service_type=%s'."
-                       % (SPECIFIED_ENV, SERVICE_TYPES_HELP), EXIT_NOT_CONFIGURED)
+                       % (path, SERVICE_TYPES_HELP), EXIT_NOT_CONFIGURED)
     if st not in settings.SERVICE_TYPES:
         raise CtlError("%s has service_type=%r; it must be %s. Run "
                        "'elkeidctl set --service_type=%s'."
-                       % (SPECIFIED_ENV, st, " or ".join(settings.SERVICE_TYPES),
+                       % (path, st, " or ".join(settings.SERVICE_TYPES),
                           SERVICE_TYPES_HELP), EXIT_NOT_CONFIGURED)
     return st
 
@@ -114,14 +114,14 @@ def changes_for_unset(flags):
     return out
 
 
-def write(fx, changes):
-    """Apply ``changes`` to specified_env, atomically, mode 0600. A file
+def write(fx, changes, path=SPECIFIED_ENV):
+    """Apply ``changes`` to specified_env (``path``), atomically, mode 0600. A file
     with lines that do not parse is refused (read() raises) rather than
     silently rewritten without them."""
-    values = read(fx, required=False)
+    values = read(fx, required=False, path=path)
     try:
         new = settings.updated_env_file(values, changes)
     except ConfigError as e:
         raise CtlError(str(e), EXIT_USAGE) from None
-    fx.makedirs(SPECIFIED_ENV.rsplit("/", 1)[0], 0o700)
-    fx.write_file(SPECIFIED_ENV, settings.format_env_file(new).encode("utf-8"), 0o600)
+    fx.makedirs(path.rsplit("/", 1)[0], 0o700)
+    fx.write_file(path, settings.format_env_file(new).encode("utf-8"), 0o600)

@@ -4,6 +4,8 @@ the Go elkeidctl (agent/deploy/control/cmd/root.go), so a host moves between
 the two without a trace.
 """
 
+import os
+
 SERVICE = "elkeid-agent"
 SERVICE_TYPES_HELP = "systemd|sysvinit"
 WORKDIR = "/etc/elkeid"
@@ -60,6 +62,33 @@ EXIT_PRIVILEGE = 4
 EXIT_NOT_INSTALLED = 5
 EXIT_NOT_CONFIGURED = 6
 EXIT_BUSY = 75  # EX_TEMPFAIL: another elkeidctl holds the lock; try later
+
+
+class Paths:
+    """The workdir-relative paths above for one workdir (``elkeidctl
+    --workdir DIR`` or ``ELKEID_WORKDIR``; default /etc/elkeid). Paths outside
+    the workdir (init script, cron file, pid files) do not move."""
+
+    def __init__(self, workdir=WORKDIR):
+        w = os.path.normpath(os.path.abspath(workdir))
+        self.workdir = w
+        self.agent = w + "/elkeid-agent"
+        self.ctl = w + "/elkeidctl"
+        self.specified_env = w + "/specified_env"
+        self.machine_id = w + "/machine-id"
+        self.unit_file = w + "/elkeid-agent.service"
+        self.sysvinit_source = w + "/elkeid-agent.sysvinit"
+        self.cron_source = w + "/elkeid-agent.cron"
+        self.cgroup_mounts = w + "/cgroup"
+        self.plugin_dir = w + "/plugin"
+        self.tmp_dir = w + "/tmp"
+        self.log_file = w + "/log/elkeid-agent.log"
+        # The agent's local control socket (elkeid_agent/runtime/ctlsock.py).
+        self.control_socket = w + "/tmp/control.sock"
+
+    @property
+    def default(self):
+        return self.workdir == WORKDIR
 
 
 class CtlError(Exception):

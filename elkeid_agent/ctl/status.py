@@ -13,8 +13,7 @@ import time
 
 from .. import __version__
 from .cgroups import AgentCgroup
-from .layout import (AGENT_PIDFILE, CRON_FILE, EXIT_NOT_RUNNING, EXIT_OK, INIT_SCRIPT,
-    MACHINE_ID, PLUGIN_DIR, SERVICE, SPECIFIED_ENV)
+from .layout import AGENT_PIDFILE, CRON_FILE, EXIT_NOT_RUNNING, EXIT_OK, INIT_SCRIPT, SERVICE
 from .procs import agent_pids, descendants
 from ..osfx.service import proc_stat_fields
 
@@ -34,16 +33,16 @@ def collect(ctl):
         "service": SERVICE,
         "service_type": mode,
         "elkeidctl_version": __version__,
-        "agent_id": _first_line(fx, MACHINE_ID) or values.get("SPECIFIED_AGENT_ID"),
+        "agent_id": _first_line(fx, ctl.paths.machine_id) or values.get("SPECIFIED_AGENT_ID"),
         "idc": values.get("specified_idc") or None,
         "region": values.get("specified_region") or None,
-        "specified_env": SPECIFIED_ENV,
+        "specified_env": ctl.paths.specified_env,
     }
     if mode == "systemd":
         code = _systemd(ctl, info)
     else:
         code = _sysvinit(ctl, info)
-    _process_facts(fx, info)
+    _process_facts(fx, info, ctl.paths.plugin_dir)
     return info, code
 
 
@@ -108,7 +107,7 @@ def _sysvinit(ctl, info):
     return EXIT_NOT_RUNNING
 
 
-def _process_facts(fx, info):
+def _process_facts(fx, info, plugin_dir):
     pid = info.get("pid")
     info["started_at"] = info["uptime_seconds"] = None
     if pid:
@@ -119,11 +118,11 @@ def _process_facts(fx, info):
     rss = [_rss(fx, p) for p in info.get("processes", ())]
     known = [r for r in rss if r is not None]
     info["memory_rss_bytes"] = sum(known) if known else None
-    plugins = {name: None for name in fx.listdir(PLUGIN_DIR) if fx.isdir(PLUGIN_DIR + "/" + name)}
+    plugins = {name: None for name in fx.listdir(plugin_dir) if fx.isdir(plugin_dir + "/" + name)}
     for p in info.get("processes", ()):
         exe = fx.proc_link(p, "exe") or ""
-        if exe.startswith(PLUGIN_DIR + "/"):
-            name = exe[len(PLUGIN_DIR) + 1:].split("/", 1)[0]
+        if exe.startswith(plugin_dir + "/"):
+            name = exe[len(plugin_dir) + 1:].split("/", 1)[0]
             plugins[name] = p
     info["plugins"] = [{"name": n, "pid": plugins[n]} for n in sorted(plugins)]
 

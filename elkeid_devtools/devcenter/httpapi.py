@@ -8,7 +8,8 @@ connections runs on the loop through ``run_coroutine_threadsafe``.
 
 Endpoints: ``POST /command/``, ``GET /conn/list``, ``GET /conn/stat``,
 ``GET /conn/count``, ``POST /conn/reset``, ``GET /ping``, ``GET /metrics``,
-``GET /records``, ``GET /uploads``, ``GET /configs``. JSON answers look like
+``GET /records``, ``GET /uploads``, ``GET /configs``, ``GET /services`` and
+``GET /metrics/host`` (the latest 1020 and 1021 records). JSON answers look like
 AgentCenter's: ``{"code": 0, "msg": "success", "data": ...}``; errors carry
 ``code`` 1 and a message with the HTTP status 400, 404, 405, 409, 413 or 5xx.
 """
@@ -129,6 +130,8 @@ class HttpApi:
             "/records": ("GET", self.records),
             "/uploads": ("GET", self.uploads),
             "/configs": ("GET", self.configs),
+            "/services": ("GET", self.services),
+            "/metrics/host": ("GET", self.host_metrics),
         }
         if path not in routes:
             raise HttpError(404, "no such endpoint: %s" % path)
@@ -244,6 +247,18 @@ class HttpApi:
         except StoreError as e:
             raise HttpError(409, str(e)) from None
         return _ok([_record_json(r) for r in recs])
+
+    def services(self, query, body):
+        try:
+            return _ok(self.dc.store.services(agent_id=_str_param(query, "agent_id")))
+        except StoreError as e:
+            raise HttpError(409, str(e)) from None
+
+    def host_metrics(self, query, body):
+        try:
+            return _ok(self.dc.store.host_metrics(agent_id=_str_param(query, "agent_id")))
+        except StoreError as e:
+            raise HttpError(409, str(e)) from None
 
     def uploads(self, query, body):
         return _ok(self.dc.store.uploads(token=_str_param(query, "token")))

@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from elkeid_agent import wire
 from elkeid_agent.errors import WireError
 from elkeid_agent.pb import grpc_pb2
+from elkeid_agent.services import records
 
 log = logging.getLogger("elkeid_devtools.devcenter.store")
 
@@ -64,6 +65,22 @@ CREATE TABLE IF NOT EXISTS record_counts (
     data_type INTEGER NOT NULL,
     count INTEGER NOT NULL,
     PRIMARY KEY (agent_id, data_type)
+);
+CREATE TABLE IF NOT EXISTS services (
+    agent_id TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, service_id)
+);
+CREATE TABLE IF NOT EXISTS host_metrics (
+    agent_id TEXT NOT NULL,
+    collector TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, collector)
 );
 CREATE TABLE IF NOT EXISTS configs (
     agent_id TEXT PRIMARY KEY,
@@ -96,6 +113,14 @@ _UPLOAD_COLUMNS = ("id", "token", "agent_id", "path", "size", "sha256", "status"
 _MAX_ITEMS_PER_TRANSACTION = 64
 
 _STOP = object()
+
+# The latest 1020 record per (agent, service) and 1021 per (agent,
+# collector) are kept apart from the record log for GET /services and
+# GET /metrics/host (elkeid_agent/services/records.py encodes them).
+_LATEST = {records.SERVICE_STATUS: ("services", "service_id", "id"),
+           records.HOST_METRICS: ("host_metrics", "collector", "collector")}
+_SERVICE_INTS = ("pid", "restarts", "rss")
+_SERVICE_FLOATS = ("cpu", "uptime")
 
 
 class StoreError(Exception):
@@ -134,6 +159,13 @@ def decode_fields(data):
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
+
+
+def _as(kind, text, default):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        return default
 
 
 def safe_name(token):
@@ -377,6 +409,7 @@ class Store:
 
     def _write(self, items):
         record_rows = []
+        latest_rows = []
         added = {}
         messages = [i for i in items if i[0] == "message"]
         other = [i for i in items if i[0] != "message"]
@@ -388,7 +421,7 @@ class Store:
         # on backpressure and no upload waits for its row forever.
         try:
             for _kind, pd, raw, received_at in messages:
-                self._message_rows(pd, raw, received_at, record_rows, added)
+                self._message_rows(pd, raw, received_at, record_rows, added, latest_rows)
             db.execute("BEGIN")
             if record_rows:
                 db.executemany(
@@ -396,6 +429,15 @@ class Store:
                     " extranet_ipv4, intranet_ipv6, extranet_ipv6, data_type, timestamp,"
                     " fields, raw, received_at, decode_error)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", record_rows)
+            for table, key_column, row in latest_rows:
+                # Records of one agent arrive in order; an older one (a
+                # replayed batch) must not overwrite a newer state.
+                db.execute("INSERT INTO %s (agent_id, %s, fields, timestamp, received_at)"
+                           " VALUES (?,?,?,?,?) ON CONFLICT (agent_id, %s) DO UPDATE SET"
+                           " fields = excluded.fields, timestamp = excluded.timestamp,"
+                           " received_at = excluded.received_at"
+                           " WHERE excluded.timestamp >= %s.timestamp"
+                           % (table, key_column, key_column, table), row)
             for op, args, _future in other:
                 if op == "configs":
                     agent_id, command = args
@@ -438,7 +480,7 @@ class Store:
             except Exception:  # e.g. the loop closed during shutdown
                 log.debug("on_commit hook failed", exc_info=True)
 
-    def _message_rows(self, pd, raw, received_at, rows, added):
+    def _message_rows(self, pd, raw, received_at, rows, added, latest=None):
         agent_id = pd.agent_id
         head = (agent_id, pd.hostname, pd.version, pd.product,
                 json.dumps(list(pd.intranet_ipv4)), json.dumps(list(pd.extranet_ipv4)),
@@ -465,6 +507,13 @@ class Store:
             else:
                 fields_json = json.dumps(fields, ensure_ascii=False, sort_keys=True)
             rows.append(head + (r.data_type, r.timestamp, fields_json, span, received_at, error))
+            where = _LATEST.get(r.data_type)
+            if where is not None and latest is not None and fields is not None:
+                table, key_column, key_field = where
+                key = fields.get(key_field)
+                if key:
+                    latest.append((table, key_column, (agent_id, key, fields_json, r.timestamp,
+                                                       received_at)))
             key = (agent_id, r.data_type)
             added[key] = added.get(key, 0) + 1
 
@@ -535,6 +584,58 @@ class Store:
             rec["raw"] = bytes(rec["raw"])
             out.append(rec)
         return out
+
+    def services(self, agent_id=None):
+        """The latest 1020 state of each (agent, service), as dicts: the
+        record's fields with numbers as numbers and ``checks`` decoded,
+        plus ``agent_id``, ``timestamp`` and ``received_at``."""
+        out = []
+        for agent, fields, ts, received in self._latest("services", agent_id):
+            row = dict(fields)
+            for name in _SERVICE_INTS:
+                row[name] = _as(int, row.get(name), 0)
+            for name in _SERVICE_FLOATS:
+                row[name] = _as(float, row.get(name), 0.0)
+            try:
+                row["checks"] = json.loads(row.get("checks") or "{}")
+            except ValueError:
+                pass  # kept as the text that arrived
+            row.update(agent_id=agent, timestamp=ts, received_at=received)
+            out.append(row)
+        return out
+
+    def host_metrics(self, agent_id=None):
+        """The latest 1021 round of each (agent, collector): ``collector``,
+        ``samples`` ([{name, labels, value}]), ``agent_id``, ``timestamp``,
+        ``received_at``; a field that is not a sample is in ``bad_fields``."""
+        out = []
+        for agent, fields, ts, received in self._latest("host_metrics", agent_id):
+            samples, bad = [], []
+            for key, text in sorted(fields.items()):
+                if key == "collector":
+                    continue
+                try:
+                    name, labels = records.parse_series_key(key)
+                    value = float(text)
+                except ValueError:
+                    bad.append(key)
+                    continue
+                samples.append({"name": name, "labels": labels,
+                                "value": int(value) if text.lstrip("-").isdigit() else value})
+            out.append({"agent_id": agent, "collector": fields.get("collector"),
+                        "samples": samples, "bad_fields": bad, "timestamp": ts,
+                        "received_at": received})
+        return out
+
+    def _latest(self, table, agent_id):
+        sql = "SELECT agent_id, fields, timestamp, received_at FROM %s" % table
+        args = []
+        if agent_id is not None:
+            sql += " WHERE agent_id = ?"
+            args.append(agent_id)
+        key = "service_id" if table == "services" else "collector"
+        rows = self._query(sql + " ORDER BY agent_id, %s" % key, args)
+        return [(a, json.loads(f), t, r) for a, f, t, r in rows]
 
     def uploads(self, token=None):
         """Upload rows as dicts, oldest first."""
