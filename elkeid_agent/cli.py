@@ -63,7 +63,7 @@ def _run_parser():
                           "$ELKEID_DIAL_TIMEOUT (default: %g)" % d.dial_timeout)
     run.add_argument("--status-addr", metavar="127.0.0.1:PORT",
                      help="serve GET /health, /metrics, /services and POST /heartbeat there, "
-                          "$ELKEID_STATUS_ADDR (loopback only; default: off)")
+                          "$ELKEID_STATUS_ADDR, loopback only (default: off)")
     sub.add_parser("ctl", help="service control (same as elkeidctl)", add_help=False)
     return p
 

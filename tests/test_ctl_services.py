@@ -18,6 +18,12 @@ from test_status_endpoint import families, free_port, http, reachable, sample
 FAKE_AGENT = [PY, os.path.join(ROOT, "tests", "services_fixtures", "fake_agent.py")]
 
 
+def offline(devcenter):
+    """An endpoint nothing listens on, and TLS files: without them an agent
+    refuses to start; with them it runs and keeps retrying."""
+    return ["--server", "127.0.0.1:%d" % free_port()] + devcenter.cert_args
+
+
 def ctl(*args, env=None):
     p = subprocess.run([PY, "-m", "elkeid_agent", "ctl"] + list(args), env=_env(env),
                        capture_output=True, text=True, timeout=180)
@@ -25,10 +31,11 @@ def ctl(*args, env=None):
 
 
 @pytest.fixture
-def agent(tmp_path):
+def agent(tmp_path, devcenter):
     port = free_port()
     a = AgentProc(tmp_path / "wd", ["--agent-id", "ctl-test", "--status-addr",
-                                    "127.0.0.1:%d" % port], command=FAKE_AGENT)
+                                    "127.0.0.1:%d" % port] + offline(devcenter),
+                  command=FAKE_AGENT)
     a.port = port
     wait_until(lambda: reachable(port) or not a.alive, 60, what="status endpoint")
     assert a.alive, a.log_text()
@@ -107,9 +114,9 @@ def test_against_a_stopped_agent_one_line(agent, tmp_path):
     assert rc == 3 and len(err.splitlines()) == 1
 
 
-def test_a_killed_agent_leaves_a_socket_the_next_one_replaces(tmp_path):
+def test_a_killed_agent_leaves_a_socket_the_next_one_replaces(tmp_path, devcenter):
     wd = tmp_path / "wd"
-    a = AgentProc(wd, ["--agent-id", "killed"], command=FAKE_AGENT)
+    a = AgentProc(wd, ["--agent-id", "killed"] + offline(devcenter), command=FAKE_AGENT)
     sock = ctlsock.socket_path(str(wd))
     wait_until(lambda: os.path.exists(sock) or not a.alive, 60, what="control socket")
     a.signal(signal.SIGKILL)
@@ -117,7 +124,7 @@ def test_a_killed_agent_leaves_a_socket_the_next_one_replaces(tmp_path):
     assert os.path.exists(sock)
     rc, out, err = ctl("--workdir", str(wd), "services")
     assert rc == 3 and "not running" in err and len(err.splitlines()) == 1
-    b = AgentProc(wd, ["--agent-id", "killed"], command=FAKE_AGENT)
+    b = AgentProc(wd, ["--agent-id", "killed"] + offline(devcenter), command=FAKE_AGENT)
     try:
         wait_until(lambda: ctl("--workdir", str(wd), "services")[0] == 0 or not b.alive, 60,
                    what="the new agent to answer")
@@ -188,11 +195,11 @@ def test_workdir_applies_to_every_command(tmp_path):
     assert rc == 2 and "--workdir" in err
 
 
-def test_a_workdir_deeper_than_sun_path_still_works(tmp_path):
+def test_a_workdir_deeper_than_sun_path_still_works(tmp_path, devcenter):
     wd = tmp_path / ("d" * 60) / ("e" * 60)
     sock = ctlsock.socket_path(str(wd))
     assert len(sock) > ctlsock.MAX_SUN_PATH
-    a = AgentProc(wd, ["--agent-id", "deep"], command=FAKE_AGENT)
+    a = AgentProc(wd, ["--agent-id", "deep"] + offline(devcenter), command=FAKE_AGENT)
     try:
         wait_until(lambda: os.path.exists(sock) or not a.alive, 60, what="control socket")
         rc, out, err = ctl("--workdir", str(wd), "services", "--json")

@@ -73,8 +73,10 @@ def fake_agent(tmp_path, devcenter):
         port = free_port()
         args = ["--agent-id", "fake-%d" % port, "--heartbeat-interval", "0.5",
                 "--status-addr", "127.0.0.1:%d" % port]
-        if server:
-            args += ["--server", devcenter.grpc] + devcenter.cert_args
+        # Without a server: a loopback port nothing listens on (an agent with no
+        # endpoint or no TLS files refuses to start).
+        args += ["--server", devcenter.grpc if server else "127.0.0.1:%d" % free_port()]
+        args += devcenter.cert_args
         a = AgentProc(tmp_path / ("fake-%d" % port), args + list(extra), env=env,
                       command=FAKE_AGENT)
         agents.append(a)
@@ -105,8 +107,8 @@ def test_non_loopback_status_addr_is_refused_at_start_with_one_line(tmp_path):
 def test_health_is_503_with_the_reason_until_connected_then_200(start_agent, devcenter, tmp_path):
     port = free_port()
     # A loopback port nothing listens on: the agent cannot connect.
-    a = start_agent("lonely", "--status-addr", "127.0.0.1:%d" % port, server=False,
-                    env={"ELKEID_SERVER": "127.0.0.1:%d" % free_port()})
+    a = start_agent("lonely", "--status-addr", "127.0.0.1:%d" % port, *devcenter.cert_args,
+                    server=False, env={"ELKEID_SERVER": "127.0.0.1:%d" % free_port()})
     wait_until(lambda: reachable(port), 60, what="status endpoint")
     status, body = http(port, "/health")
     assert status == 503

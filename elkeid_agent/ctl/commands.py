@@ -173,8 +173,8 @@ class Ctl:
             # unit systemd cannot find (no watchdog, notifications refused)
             # and start/restart would fail. Disabled means "not at boot":
             # link it again. (Removal unlinks it: packaging/scripts/preremove.sh.)
-            if self.fx.exists(UNIT_FILE):
-                self.systemctl("link", UNIT_FILE)
+            if self.fx.exists(self.paths.unit_file):
+                self.systemctl("link", self.paths.unit_file)
             return EXIT_OK
         return self._rc_tool(("update-rc.d", "-f", SERVICE, "remove"),
                              ("chkconfig", "--del", SERVICE))
