@@ -169,7 +169,7 @@ class Agent:
         except ImportError:
             return None
         return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state,
-                                **self.settings.plugin_policy)
+                                executors=self.executors, **self.settings.plugin_policy)
 
     # ------------------------------------------------------------ commands
 

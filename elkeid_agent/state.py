@@ -1,10 +1,18 @@
 """Agent state: ``running`` or ``abnormal`` with the reasons why.
 
 The heartbeat reports ``state`` and ``state_detail`` (a JSON array of the
-reasons, PROTOCOL.md section 4). Reasons are keyed so the component that
-raised one can clear it when the condition ends (e.g. a plugin that recovered),
-and a configs list from the server resets everything to running, as Elkeid
-does.
+reasons, docs/protocol.md section 4). Reasons are keyed so the component
+that raised one can clear it when the condition ends (e.g. a plugin that
+recovered).
+
+Two kinds of reason. Server-driven ones are about the desired state the
+server sent (a refused self-update, plugins this build cannot run): Elkeid
+resets the state on every configs list, and ``reset_server_driven`` does
+that for these alone. Everything else is a local condition of this host or
+agent (an unwritable workdir or log, the identity, a crashed task, TLS
+files, a plugin process that will not die): the server cannot clear it by
+sending a list, so it stays until the component that raised it sees it end.
+Unknown keys count as local - forgetting a fault is worse than repeating it.
 """
 
 import json
@@ -12,6 +20,13 @@ import time
 
 RUNNING = "running"
 ABNORMAL = "abnormal"
+
+# Keys (exact) whose condition the server's configs list decides.
+SERVER_DRIVEN = frozenset({"update", "plugins"})
+
+
+def server_driven(key):
+    return key in SERVER_DRIVEN
 
 
 class AgentState:
@@ -30,9 +45,14 @@ class AgentState:
         for key in [k for k in self._reasons if k.startswith(prefix)]:
             del self._reasons[key]
 
-    def reset(self):
-        """Back to running (a configs list arrived)."""
-        self._reasons.clear()
+    def reset_server_driven(self):
+        """A configs list arrived: forget what the previous one caused.
+        Local conditions stay until they clear."""
+        for key in [k for k in self._reasons if server_driven(k)]:
+            del self._reasons[key]
+
+    def keys(self):
+        return sorted(self._reasons)
 
     @property
     def state(self):

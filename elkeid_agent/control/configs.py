@@ -1,10 +1,14 @@
 """A configs list from the server: the complete desired set of plugins, plus
 the agent's own entry (``elkeid-agent``).
 
-Elkeid resets the agent's state to running on every configs list; the
-plugin entries go to the plugin supervisor's declarative sync, and an agent
-entry with another version is a self-update request, which this build
-refuses (reported as abnormal until a list without it arrives).
+Elkeid resets the agent's state to running on every configs list; here a
+list resets only what the previous list caused (``AgentState``'s
+server-driven reasons): a local fault such as an unwritable log directory
+stays reported until it clears. The plugin entries go to the plugin
+supervisor's declarative sync (which clears the previous sync's load
+failures itself), and an agent entry with another version is a self-update
+request, which this build refuses (reported as abnormal until a list
+without it arrives).
 """
 
 import logging
@@ -23,7 +27,7 @@ class ConfigsHandler:
         self.owner = owner
 
     def __call__(self, decision):
-        self.state.reset()
+        self.state.reset_server_driven()
         if decision.agent is not None and decision.agent.version != __version__:
             self.state.set_abnormal(
                 "update", "agent update to %s requested: self-update is not supported by "

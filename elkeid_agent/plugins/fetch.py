@@ -29,6 +29,7 @@ leaves no partial file behind.
 
 import ctypes
 import hashlib
+import http.client
 import os
 import shutil
 import stat
@@ -113,6 +114,8 @@ def download_one(url, dest, want_sha256, max_bytes, deadline, cancel=None, opene
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise FetchError("cannot connect: %s" % reason) from None
+        except http.client.HTTPException as exc:  # BadStatusLine, LineTooLong ...
+            raise FetchError("bad HTTP answer: %s" % _describe(exc)) from None
         with resp:
             status = getattr(resp, "status", 200)
             if not 200 <= status < 300:
@@ -132,8 +135,9 @@ def download_one(url, dest, want_sha256, max_bytes, deadline, cancel=None, opene
                         raise FetchError("download took longer than allowed")
                     try:
                         chunk = read(_CHUNK)
-                    except OSError as exc:
-                        raise FetchError("read failed: %s" % exc) from None
+                    except (OSError, http.client.HTTPException, ValueError) as exc:
+                        # TLS errors are OSErrors; a short body is IncompleteRead.
+                        raise FetchError("read failed: %s" % _describe(exc)) from None
                     if not chunk:
                         break
                     total += len(chunk)
@@ -167,7 +171,15 @@ def download(urls, dest, want_sha256, max_bytes, timeout, cancel=None, opener=No
             raise
         except FetchError as exc:
             errors.append("%s: %s" % (_safe_url(url), exc))
+        except Exception as exc:  # whatever one URL does, the next one is tried
+            errors.append("%s: unexpected %s" % (_safe_url(url), _describe(exc)))
     raise FetchError("every download URL failed: " + "; ".join(errors))
+
+
+def _describe(exc):
+    """Type and message, bounded: IncompleteRead's repr alone says little."""
+    text = str(exc) or repr(exc)
+    return ("%s: %s" % (type(exc).__name__, text))[:300]
 
 
 def _safe_url(url):
@@ -299,11 +311,11 @@ def local_ok(root, spec, cancel=None):
     return sha256_file(os.path.join(root, spec.name, spec.name), cancel) == want
 
 
-def prepare(root, spec, policy, cancel=None, opener=None) -> Optional[Staged]:
+def prepare(root, spec, policy, cancel=None, opener=None, check_local=True) -> Optional[Staged]:
     """None when the local executable is good; else a Staged result.
     Raises FetchError."""
     os.makedirs(root, mode=0o700, exist_ok=True)
-    if local_ok(root, spec, cancel):
+    if check_local and local_ok(root, spec, cancel):
         return None
     work = _mkwork(root, spec.name, "fetch")
     try:

@@ -1,11 +1,12 @@
 """One plugin's life: spawn, pipes, ingest, tasks, exit, restart.
 
 The asyncio shell around the sans-I/O pieces (FrameDecoder, RestartPolicy,
-LimitEvaluator). One ``PluginRunner`` per plugin name and version; its
-``_supervise`` task loops start -> run -> end -> backoff until stopped or
-given up (fatal).
-
-States: starting, running, backoff, stopping, stopped, fatal.
+LimitEvaluator) and the pipe protocols (``pipes.py``). One ``PluginRunner``
+per plugin name and version; its ``_supervise`` task loops start -> run ->
+end -> backoff until stopped or given up. Every state change goes through
+its ``runtime.lifecycle.Lifecycle`` (the table of allowed moves lives
+there); the 1001 heartbeat keeps Elkeid-era state words (``fatal`` for
+failed, ``stopping`` for the instant between exit and the next decision).
 """
 
 import asyncio
@@ -20,120 +21,17 @@ from collections import deque
 from ..errors import ServerFault
 from ..buffer.queue import HIGH, NORMAL
 from ..host.resources import ProcessSampler
-from .ingest import FrameDecoder
-from .policy import LimitEvaluator, RateMeter, RestartPolicy, TokenBucket, describe_exit
+from ..runtime import lifecycle
+from ..runtime.lifecycle import Lifecycle
+from .pipes import HIGH_FD, RECORD_FD, TASK_FD, RecordPipe, TaskPipe
+from .policy import LimitEvaluator, RateMeter, RestartPolicy, describe_exit
 
 log = logging.getLogger("elkeid_agent.plugins")
 
+# What the 1001 heartbeat says (unchanged wire values).
 STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, FATAL = (
     "starting", "running", "backoff", "stopping", "stopped", "fatal")
-
-TASK_FD, RECORD_FD, HIGH_FD = 3, 4, 5
-_PRIORITY_LABEL = {NORMAL: "normal", HIGH: "high"}
-
-
-class _RecordPipe(asyncio.Protocol):
-    """Reads fd 4 (NORMAL) or fd 5 (HIGH) of one plugin process."""
-
-    def __init__(self, runner, priority):
-        self.runner = runner
-        self.priority = priority
-        self.decoder = FrameDecoder(runner.policy.max_frame)
-        self.transport = None
-        self.closed = asyncio.get_running_loop().create_future()
-        self.bucket = None
-        if runner.policy.ingest_max_bytes_per_sec:
-            rate = runner.policy.ingest_max_bytes_per_sec
-            self.bucket = TokenBucket(rate, burst=max(rate, 256 * 1024), now=time.monotonic())
-        self._resume_handle = None
-        self._hold_until = 0.0
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        r = self.runner
-        if r.discarding:
-            return
-        bodies, error = self.decoder.feed(data)
-        if bodies:
-            put = r.queue.put
-            prio = self.priority
-            size = 0
-            for body in bodies:
-                put(body, prio)
-                size += len(body)
-            r.tx_records += len(bodies)
-            r.tx_bytes += size
-            label = _PRIORITY_LABEL[prio]
-            r.metrics.inc("plugin_records", len(bodies), plugin=r.name, priority=label)
-            r.metrics.inc("plugin_record_bytes", size, plugin=r.name, priority=label)
-        if error is not None:
-            r.protocol_violation(str(error))
-            return
-        pause = 0.0
-        if self.bucket is not None:
-            pause = self.bucket.charge(time.monotonic(), len(data))
-            if pause > 0:
-                r.metrics.inc("plugin_ingest_paused", plugin=r.name)
-        if self.transport is None or self._resume_handle is not None:
-            return
-        if len(data) >= r.policy.heavy_read and r.queue.bytes > r.high_water:
-            # A heavy producer while the queue fills faster than it is sent:
-            # reading on would only evict older records (other plugins'
-            # too) and starve the sender on this loop. Hold this pipe until
-            # the queue is back under high water, or ``hold_max`` passed.
-            r.metrics.inc("plugin_ingest_held", plugin=r.name)
-            self.transport.pause_reading()
-            self._hold_until = time.monotonic() + max(pause, r.policy.hold_max)
-            self._resume_handle = asyncio.get_running_loop().call_later(0.01, self._check_hold)
-        elif pause > 0:
-            self.transport.pause_reading()
-            self._resume_handle = asyncio.get_running_loop().call_later(pause, self._resume)
-
-    def _check_hold(self):
-        r = self.runner
-        if r.queue.bytes > r.high_water and time.monotonic() < self._hold_until:
-            self._resume_handle = asyncio.get_running_loop().call_later(0.01, self._check_hold)
-            return
-        self._resume()
-
-    def _resume(self):
-        self._resume_handle = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def eof_received(self):
-        error = self.decoder.close()
-        if error is not None and not self.runner.discarding:
-            self.runner.frame_error_at_eof(str(error))
-        return False
-
-    def connection_lost(self, exc):
-        if self._resume_handle is not None:
-            self._resume_handle.cancel()
-            self._resume_handle = None
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-class _TaskPipe(asyncio.Protocol):
-    """The agent's end of fd 3: a write transport the runner pumps into."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.paused = False
-        self.lost = False
-
-    def pause_writing(self):
-        self.paused = True
-
-    def resume_writing(self):
-        self.paused = False
-        self.runner._pump_tasks()
-
-    def connection_lost(self, exc):
-        self.lost = True
+_WIRE = {lifecycle.FAILED: FATAL, lifecycle.EXITED: STOPPING}
 
 
 class PluginRunner:
@@ -150,7 +48,8 @@ class PluginRunner:
         self.dir = os.path.join(sup.plugin_root, spec.name)
         self.exe = os.path.join(self.dir, spec.name)
         self.stderr_path = os.path.join(self.dir, spec.name + ".stderr")
-        self.state = STOPPED
+        self.life = Lifecycle("plugin " + spec.name, sup.metrics, "plugin_transitions",
+                              {"plugin": spec.name}, log, {"plugin": spec.name})
         self.restart = RestartPolicy(self.policy)
         self.limits = None
         self.last_error = ""
@@ -162,6 +61,7 @@ class PluginRunner:
         self.start_time = 0.0
         self.exit_code = None
         self._watch = None
+        self._abandoned = {}    # pid -> exit watch of a process that outlived SIGKILL
         self._pipes = []
         self._task_transport = None
         self._task_proto = None
@@ -182,6 +82,11 @@ class PluginRunner:
         self.hb_sampler = None  # resources.ProcessSampler of the running process
         self.du = 0
 
+    @property
+    def state(self):
+        """The state as the 1001 heartbeat and status() show it."""
+        return _WIRE.get(self.life.state, self.life.state)
+
     # ------------------------------------------------------------ control
 
     def start(self):
@@ -200,7 +105,7 @@ class PluginRunner:
     def revive(self, spec):
         """A fatal plugin listed again: start over with a clean record."""
         self.spec = spec
-        if self.state == FATAL:
+        if self.life.state == lifecycle.FAILED:
             self.restart.reset()
             if self._task is not None and self._task.done():
                 self.start()  # the loop itself had failed
@@ -209,11 +114,11 @@ class PluginRunner:
 
     @property
     def fatal(self):
-        return self.state == FATAL
+        return self.life.state == lifecycle.FAILED
 
     @property
     def alive(self):
-        return self.state in (RUNNING, STOPPING) and self.pid != 0
+        return self.life.state in (lifecycle.RUNNING, lifecycle.STOPPING) and self.pid != 0
 
     # ------------------------------------------------------------ supervision loop
 
@@ -227,7 +132,9 @@ class PluginRunner:
                 decision = self.restart.on_failure(now)
                 self._record_failure(reason, decision)
                 if decision.fatal:
-                    self.state = FATAL
+                    self.life.transition(lifecycle.FAILED, "gave up after %d failed runs in a "
+                                         "row; waiting for the server to list it again"
+                                         % decision.failures)
                     await self._wait_wake(None)
                     if self._stop_requested:
                         break
@@ -235,21 +142,29 @@ class PluginRunner:
                     log.info("plugin %s revived by the server's config", self.name,
                              extra={"plugin": self.name})
                     continue
-                self.state = BACKOFF
                 self.next_start = time.time() + decision.delay
+                self.life.transition(lifecycle.BACKOFF, "restart %d in %g s"
+                                     % (decision.failures, decision.delay))
                 if decision.delay > 0:
                     await self._wait_wake(decision.delay)
+                if self._stop_requested:
+                    break
                 self.restarts += 1
                 self.metrics.inc("plugin_restarts", plugin=self.name)
         except Exception as exc:  # a bug here must not leave a process unsupervised
             log.exception("supervising plugin %s failed", self.name)
             self.last_error = "internal error: %r" % (exc,)
             self.sup._set_reason(self.name, "plugin %s: %s" % (self.name, self.last_error))
-            self._kill_group()
-            self._close_pipes()
-            self.state = FATAL
+            if self.life.state == lifecycle.RUNNING:
+                self.life.transition(lifecycle.STOPPING, self.last_error)
+            await self._reap_after_error()
+            if self.life.allowed(lifecycle.EXITED):
+                self.life.transition(lifecycle.EXITED, self.last_error)
+            if self.life.allowed(lifecycle.FAILED):
+                self.life.transition(lifecycle.FAILED, self.last_error)
             return
-        self.state = STOPPED
+        if self.life.state != lifecycle.STOPPED:
+            self.life.transition(lifecycle.STOPPED, "stopped on request")
 
     async def _wait_wake(self, timeout):
         self._wake.clear()
@@ -269,13 +184,12 @@ class PluginRunner:
         else:
             text = "plugin %s failed (%s); restart %d in %g s" % (
                 self.name, reason, decision.failures, decision.delay)
-            log.warning(text, extra={"plugin": self.name})
         self.sup._set_reason(self.name, text)
 
     # ------------------------------------------------------------ one run
 
     async def _run_once(self):
-        self.state = STARTING
+        self.life.transition(lifecycle.STARTING, "version %s" % self.spec.version)
         self.discarding = False
         self._eof_error = ""
         self.exit_code = None
@@ -284,30 +198,39 @@ class PluginRunner:
         try:
             await self._spawn()
         except (OSError, ValueError) as exc:
-            self._close_pipes()
-            return "cannot start %s: %s" % (self.exe, getattr(exc, "strerror", None) or exc)
-        self.state = RUNNING
+            await self._reap_after_error()
+            reason = "cannot start %s: %s" % (self.exe, getattr(exc, "strerror", None) or exc)
+            self.life.transition(lifecycle.EXITED, reason)
+            return reason
         self.restart.on_start(time.monotonic())
         self.limits = LimitEvaluator(self.policy.cpu_limit, self.policy.rss_limit,
                                      self.policy.limit_window)
         self.hb_sampler = ProcessSampler(self.pid)
-        log.info("plugin %s %s started, pid %d", self.name, self.spec.version, self.pid,
-                 extra={"plugin": self.name})
+        self.life.transition(lifecycle.RUNNING, "pid %d" % self.pid)
         end = await self._end
         if end is None:
-            await self._terminate(graceful=True)
+            await self._terminate(graceful=True, why="stop requested")
+            self.life.transition(lifecycle.EXITED, "stopped on request")
             return None
         kind, reason = end
         # A protocol violation gets no grace period: its output is already
         # being discarded. A limit breach is a polite restart.
-        await self._terminate(graceful=(kind == "limit"))
-        if kind == "exit":
+        exited = await self._terminate(graceful=(kind == "limit"),
+                                       why=reason if kind != "exit" else "its process ended")
+        if not exited:
+            reason = self.last_error
+        elif kind == "exit":
             reason = describe_exit(self.exit_code)
-            said = await self.loop.run_in_executor(None, last_line, self.stderr_path)
+            try:
+                said = await self.sup.executors.run("process", last_line, self.stderr_path)
+            except Exception as exc:  # a saturated pool costs the detail, not the restart
+                log.warning("plugin %s: cannot read its stderr: %s", self.name, exc)
+                said = ""
             if said:
                 reason += ": " + said
             if self._eof_error:
                 reason += "; " + self._eof_error
+        self.life.transition(lifecycle.EXITED, reason or "")
         return reason
 
     async def _spawn(self):
@@ -334,28 +257,39 @@ class PluginRunner:
             raise
         for fd in (stderr_fd, task_r, data_w, high_w):
             _close(fd)
-        # From here on the file objects own the agent's ends.
+        # From here on the file objects own the agent's ends, and each
+        # transport its file once created: closing a file under a live
+        # transport would leave the loop watching a number that may be reused.
         files = [open(data_r, "rb", buffering=0), open(high_r, "rb", buffering=0),
                  open(task_w, "wb", buffering=0)]
-        self.pid = self.child.pid
+        owned = []
+        child, exited, end = self.child, self._exited, self._end
+        self.pid = child.pid
         self.start_time = time.time()
         self.sup._record_group(self)
-        self._watch = self.system.watch_exit(self.loop, self.pid, self._on_exit)
+        # The watch reaps this run's process whenever it exits, even after
+        # the runner gave up waiting for it.
+        self._watch = self.system.watch_exit(
+            self.loop, self.pid, lambda: self._on_exit(child, exited, end))
         try:
             for pipe, prio in ((files[0], NORMAL), (files[1], HIGH)):
-                proto = _RecordPipe(self, prio)
+                proto = RecordPipe(self, prio)
                 transport, _ = await self.loop.connect_read_pipe(lambda p=proto: p, pipe)
+                owned.append(pipe)
                 # One read may take the whole pipe (asyncio's default is 256 KiB).
                 transport.max_size = max(self.policy.pipe_buffer, 256 * 1024)
                 self._pipes.append(proto)
-            self._task_proto = _TaskPipe(self)
+            self._task_proto = TaskPipe(self)
             self._task_transport, _ = await self.loop.connect_write_pipe(
                 lambda: self._task_proto, files[2])
+            owned.append(files[2])
             self._task_transport.set_write_buffer_limits(high=0)
         except BaseException:
+            self._close_task_pipe()
+            self._close_record_pipes()
             for f in files:
-                f.close()
-            self._kill_group()
+                if f not in owned:
+                    f.close()
             raise
         self._pump_tasks()
 
@@ -372,17 +306,21 @@ class PluginRunner:
 
     # ------------------------------------------------------------ endings
 
-    def _on_exit(self):
-        """The leader exited (zombie, not yet reaped): the group id is still
-        ours, so kill whatever it left behind, then reap."""
-        self._watch = None
-        self.system.kill_group(self.pid, signal.SIGKILL)
-        self.exit_code = self.system.reap(self.child)
-        self.sup._forget_group(self)
-        if not self._exited.done():
-            self._exited.set_result(self.exit_code)
-        if not self._end.done():
-            self._end.set_result(("exit", None))
+    def _on_exit(self, child, exited, end):
+        """A leader exited (zombie, not yet reaped): the group id is still
+        ours, so kill whatever it left behind, then reap. ``exited`` and
+        ``end`` are the futures of the run that spawned it."""
+        self.system.kill_group(child.pid, signal.SIGKILL)
+        code = self.system.reap(child)
+        self.sup._forget_group(self.name, child.pid)
+        if self._abandoned.pop(child.pid, None) is not None:
+            self.sup.state.clear("plugin-unkillable:%d" % child.pid)
+            log.info("plugin %s: pid %d finally exited after SIGKILL", self.name, child.pid,
+                     extra={"plugin": self.name})
+        if not exited.done():
+            exited.set_result(code)
+        if not end.done():
+            end.set_result(("exit", None))
 
     def protocol_violation(self, message):
         """Bad frame or absurd length: discard everything from here on."""
@@ -408,14 +346,17 @@ class PluginRunner:
         if self._end is not None and not self._end.done():
             self._end.set_result(("limit", "resource limit: " + message))
 
-    async def _terminate(self, graceful):
-        """Stop the running process.
+    async def _terminate(self, graceful, why):
+        """Stop the running process; False if it outlived SIGKILL.
 
         Graceful: close fd 3 first and keep reading fds 4/5, so a plugin
         that exits on end-of-tasks (both Elkeid SDKs' main loops do) flushes
         its last records into the queue; at half the stop timeout close the
-        record pipes too and SIGTERM the group; at the timeout SIGKILL it."""
-        self.state = STOPPING
+        record pipes too and SIGTERM the group; at the timeout SIGKILL it.
+        A process that does not exit ``kill_timeout`` seconds after SIGKILL
+        (uninterruptible sleep in the kernel) is reported and left to its
+        exit watch, which reaps it whenever it finally goes."""
+        self.life.transition(lifecycle.STOPPING, why)
         self._close_task_pipe()
         if graceful and not self._exited.done():
             half = self.policy.stop_timeout / 2
@@ -427,10 +368,38 @@ class PluginRunner:
                                 self.name, self.policy.stop_timeout,
                                 extra={"plugin": self.name})
         self._kill_group()
-        await self._exited
+        if not await self._exited_within(self.policy.kill_timeout):
+            self._abandon()
+            return False
+        self.exit_code = self._exited.result()
         await self._drain()
+        return True
+
+    async def _reap_after_error(self):
+        """After a failed spawn or an internal error: kill and reap what was
+        started (its exit watch removes the zombie and the pgid record),
+        then release the pipes."""
+        if self._watch is not None:
+            self._kill_group()
+            if not await self._exited_within(self.policy.kill_timeout):
+                self._abandon()
+                return
+        self._close_pipes()
+
+    def _abandon(self):
+        pid = self.pid
+        text = "plugin %s did not exit after SIGKILL (D state?): pid %d" % (self.name, pid)
+        self.last_error = text
+        log.error(text, extra={"plugin": self.name})
+        self.metrics.inc("plugin_unkillable", plugin=self.name)
+        self.sup.state.set_abnormal("plugin-unkillable:%d" % pid, text)
+        self._abandoned[pid] = self._watch
+        self._watch = None  # still armed: it reaps the process when it exits
+        self._close_pipes()
 
     async def _exited_within(self, timeout):
+        if self._exited is None:
+            return True
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), timeout)
             return True
@@ -475,7 +444,7 @@ class PluginRunner:
     # ------------------------------------------------------------ tasks
 
     def send_task(self, frame, token):
-        if self.state != RUNNING or self._task_transport is None:
+        if self.life.state != lifecycle.RUNNING or self._task_transport is None:
             self.metrics.inc("plugin_tasks_refused", plugin=self.name, reason="not_running")
             raise ServerFault("plugin %s is %s and cannot take tasks" % (self.name, self.state),
                               token=token)
@@ -503,7 +472,7 @@ class PluginRunner:
 
     def check(self, now_mono):
         """Periodic: limits and healthy reset. Called by the supervisor."""
-        if self.state != RUNNING or not self.pid:
+        if self.life.state != lifecycle.RUNNING or not self.pid:
             return
         if self.restart.check_healthy(now_mono):
             self.sup._clear_reason(self.name)

@@ -1,4 +1,4 @@
-"""Declarative plugin sync (PROTOCOL.md section 2) as a pure function.
+"""Declarative plugin sync (docs/protocol.md section 2) as a pure function.
 
 ``plan_sync(desired, running)`` turns the server's complete list of plugin
 configs and what the supervisor currently has into actions; the supervisor
