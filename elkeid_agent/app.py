@@ -28,7 +28,7 @@ from .control.configs import ConfigsHandler
 from .errors import AgentError, LocalFault
 from .host.heartbeat import Heartbeat
 from .metrics import Registry
-from .buffer.queue import HIGH, RecordQueue
+from .buffer.queue import RecordQueue
 from .runtime.executors import Executors
 from .runtime.tasks import TaskOwner
 from .state import AgentState
@@ -89,7 +89,7 @@ class Agent:
             logging.basicConfig(level=logging.INFO, stream=sys.stderr)
             self.state.set_abnormal("log", str(e))
             log.error("file logging unavailable: %s", e)
-        remote = logs.RemoteLogHandler(lambda body: self.queue.put(body, HIGH), self.metrics,
+        remote = logs.RemoteLogHandler(self.queue.put_own, self.metrics,
                                        per_minute=self.settings.remote_log_per_minute,
                                        loop=asyncio.get_running_loop())
         logging.getLogger("elkeid_agent").addHandler(remote)
@@ -110,7 +110,7 @@ class Agent:
 
     def report_failure(self, token, msg):
         """A 5100 record for a task the server sent with ``token``."""
-        self.queue.put(logs.task_failure_record(token, msg), HIGH)
+        self.queue.put_own(logs.task_failure_record(token, msg))
 
     def request_shutdown(self, reason):
         if self._stop is not None and not self._stop.done():
@@ -144,7 +144,7 @@ class Agent:
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
                                    self.metrics)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
-                                self.request_shutdown)
+                                self.request_shutdown, self.executors, owner=self.owner)
         if self.plugins is not None:
             try:
                 # Kills plugin processes a crashed earlier agent left behind.
@@ -206,7 +206,7 @@ class Agent:
         try:
             self.refresh_host()
             for body in self.heartbeat.records(time.time()):
-                self.queue.put(body, HIGH)
+                self.queue.put_own(body)
         except Exception:  # a broken collector must not stop the heartbeat timer
             log.exception("heartbeat failed")
             self.metrics.inc("heartbeat_errors")

@@ -84,6 +84,7 @@ def test_rotation_keeps_gzip_backups_in_order(setup, tmp_path):
     for i in range(200):
         h.logger.info("line", extra={"fields": {"seq": i}})
     h.file_handler.flush()
+    assert h.file_handler.drain(30)
     log_dir = tmp_path / "log"
     names = sorted(os.listdir(log_dir))
     assert names == ["elkeid-agent.log", "elkeid-agent.log.1.gz",
@@ -113,10 +114,93 @@ def test_failed_compression_is_counted_and_logging_goes_on(setup, tmp_path):
     for i in range(30):
         h.logger.info("line", extra={"fields": {"seq": i}})
     h.file_handler.flush()
+    assert h.file_handler.drain(30)
     assert h.file_handler.metrics.get("log_rotate_errors") >= 1
+    assert not [n for n in os.listdir(tmp_path / "log") if ".rotated." in n]
     last = _lines(tmp_path / "log" / "elkeid-agent.log")[-1]
     assert last["seq"] == 29
     assert os.path.getsize(tmp_path / "log" / "elkeid-agent.log") <= 500
+
+
+def test_rotation_never_holds_the_loop_and_loses_no_line(tmp_path):
+    """gzip through a seam that blocks until released: while it is held,
+    the loop that logs (and so rotates) keeps running its timers."""
+    release = threading.Event()
+    compressing = threading.Event()
+
+    def slow_gzip(source, dest):
+        compressing.set()
+        release.wait(60)
+        logs._gzip_file(source, dest)
+
+    metrics = Registry()
+    log = _logger("slowrot")
+    handler = logs.GzipRotatingFileHandler(str(tmp_path / "agent.log"), 1000, 10, metrics,
+                                           compress=slow_gzip)
+    handler.setFormatter(logs.JSONFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ticks = []
+        timer = loop.call_later(0.01, lambda: None)
+
+        def tick():
+            nonlocal timer
+            ticks.append(loop.time())
+            timer = loop.call_later(0.01, tick)
+        tick()
+        seq = 0
+        while not compressing.is_set():     # logging on the loop thread rotates
+            log.info("line", extra={"fields": {"seq": seq}})
+            seq += 1
+            await asyncio.sleep(0)
+        # The rotated file is still being compressed; the loop logs on and
+        # its timer fires again and again meanwhile.
+        seen = len(ticks)
+        deadline = loop.time() + 30
+        while len(ticks) < seen + 5 and loop.time() < deadline:
+            log.info("line", extra={"fields": {"seq": seq}})
+            seq += 1
+            await asyncio.sleep(0.005)
+        held = len(ticks) - seen
+        release.set()
+        timer.cancel()
+        return seq, held
+
+    try:
+        seq, held = asyncio.run(main())
+        assert held >= 5
+        handler.flush()
+        assert handler.drain(30)
+    finally:
+        release.set()
+        log.removeHandler(handler)
+        handler.close()
+    seen = []
+    names = sorted(os.listdir(tmp_path))
+    assert not [n for n in names if ".rotated." in n or n.endswith(".tmp")], names
+    for name in names:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(tmp_path / name, "rt", encoding="utf-8") as f:
+            seen.extend(json.loads(line)["seq"] for line in f)
+    # Every line written since the oldest kept backup is there exactly once.
+    assert sorted(seen) == list(range(min(seen), seq))
+    assert min(seen) == 0 or len([n for n in names if n.endswith(".gz")]) == 10
+
+
+def test_rotated_files_left_by_a_crash_are_compressed_at_start(tmp_path):
+    (tmp_path / "agent.log.rotated.3").write_text('{"seq": 1}\n')
+    metrics = Registry()
+    handler = logs.GzipRotatingFileHandler(str(tmp_path / "agent.log"), 1000, 5, metrics)
+    try:
+        assert handler.drain(30)
+    finally:
+        handler.close()
+    with gzip.open(tmp_path / "agent.log.1.gz", "rt") as f:
+        assert json.loads(f.read())["seq"] == 1
+    assert not (tmp_path / "agent.log.rotated.3").exists()
 
 
 def test_unwritable_log_dir_is_a_local_fault(tmp_path):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from elkeid_agent.metrics import Registry
-from elkeid_agent.buffer.queue import HIGH, NORMAL, RecordQueue
+from elkeid_agent.buffer.queue import AGENT, HIGH, NORMAL, Batch, RecordQueue
 
 
 def rec(i, size=10):
@@ -34,7 +34,7 @@ def test_batch_limits_by_count_and_bytes():
 
 def test_overflow_evicts_oldest_normal_and_counts():
     m = Registry()
-    q = RecordQueue(100, m)
+    q = RecordQueue(100, m, agent_reserve=0)
     for i in range(10):
         assert q.put(rec(i))
     assert q.put(rec(10))  # evicts rec(0)
@@ -46,7 +46,7 @@ def test_overflow_evicts_oldest_normal_and_counts():
 
 def test_high_survives_normal_pressure():
     m = Registry()
-    q = RecordQueue(50, m)
+    q = RecordQueue(50, m, agent_reserve=0)
     for i in range(5):
         q.put(rec(i), HIGH)
     # Full of HIGH: a NORMAL record cannot evict them and is refused.
@@ -66,14 +66,15 @@ def test_too_large_refused():
     assert q.count == 0
 
 
-def test_requeue_goes_first_in_order():
+def test_requeue_goes_first_in_its_own_priority():
     q = RecordQueue(10_000, Registry())
     for i in range(6):
         q.put(rec(i))
     batch = q.take_batch(3, 10_000)
     q.put(rec(50), HIGH)
     q.requeue(batch)
-    assert q.take_batch(100, 10_000) == [rec(0), rec(1), rec(2), rec(50), rec(3), rec(4), rec(5)]
+    # The requeued NORMAL records go ahead of NORMAL ones, not of HIGH ones.
+    assert q.take_batch(100, 10_000) == [rec(50), rec(0), rec(1), rec(2), rec(3), rec(4), rec(5)]
 
 
 class ListSpool:
@@ -94,7 +95,7 @@ class ListSpool:
 def test_spool_receives_overflow_and_drains_first():
     m = Registry()
     spool = ListSpool()
-    q = RecordQueue(30, m, spool=spool)
+    q = RecordQueue(30, m, spool=spool, agent_reserve=0)
     for i in range(5):
         q.put(rec(i))
     assert spool.items == [rec(0), rec(1)]
@@ -125,7 +126,7 @@ def test_wait_ready_wakes_on_first_record_and_on_full_batch():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("priority", [NORMAL, HIGH])
+@pytest.mark.parametrize("priority", [NORMAL, HIGH, AGENT])
 def test_byte_accounting_is_exact(priority):
     q = RecordQueue(1_000_000, Registry())
     sizes = [1, 7, 300, 4096, 12]
@@ -141,7 +142,7 @@ def test_full_queue_put_cost_does_not_grow_with_queue_length():
     # Count work, not time: a put into a full queue must look only at what
     # it evicts. Wrap deques so any full scan (len() over every item) shows.
     m = Registry()
-    q = RecordQueue(200_000, m)
+    q = RecordQueue(200_000, m, agent_reserve=0)
     for i in range(20_000):
         q.put(rec(i))
     calls = [0]
@@ -160,16 +161,105 @@ def test_full_queue_put_cost_does_not_grow_with_queue_length():
     finally:
         del qmod.len
     assert calls[0] < 100 * 10, calls[0]
-    assert q.bytes == 200_000 and q._pbytes == [200_000, 0]
+    assert q.bytes == 200_000 and q._pbytes == [200_000, 0, 0]
     assert m.get("queue_dropped_records", reason="overflow", priority="normal") == 100
 
 
 def test_per_priority_bytes_stay_exact_through_all_operations():
     q = RecordQueue(1000, Registry())
     for i in range(50):
-        q.put(rec(i, 30), HIGH if i % 3 == 0 else NORMAL)
+        q.put(rec(i, 30), (HIGH, NORMAL, AGENT)[i % 3])
     b = q.take_batch(7, 10_000)
     q.requeue(b)
     q.take_batch(3, 10_000)
-    expect = [sum(map(len, q._queues[p])) for p in (NORMAL, HIGH)]
+    expect = [sum(map(len, q._queues[p])) for p in (NORMAL, HIGH, AGENT)]
     assert q._pbytes == expect and q.bytes == sum(expect)
+
+
+def test_agent_records_go_first_and_keep_their_reserve_against_plugin_floods():
+    m = Registry()
+    q = RecordQueue(1000, m, agent_reserve=200)
+    for i in range(3):
+        assert q.put_own(rec(900 + i, 50))
+    # A plugin flooding fd 5 and fd 4 fills what it may, never the reserve.
+    for i in range(200):
+        q.put(rec(i, 50), HIGH)
+        q.put(rec(1000 + i, 50), NORMAL)
+    assert q.plugin_bytes <= 800
+    assert m.get("queue_dropped_records", reason="overflow", priority="agent") == 0
+    # The agent keeps producing during the flood: its records still fit.
+    assert q.put_own(rec(903, 50))
+    q.put(rec(500, 50), HIGH)
+    out = q.take_batch(1000, 10**6)
+    assert out[:4] == [rec(900 + i, 50) for i in range(4)]
+    assert m.get("queue_dropped_records", reason="overflow", priority="agent") == 0
+    assert m.get("queue_dropped_records", reason="overflow", priority="high") > 0
+
+
+def test_agent_record_evicts_plugin_records_then_its_own_oldest():
+    m = Registry()
+    q = RecordQueue(100, m, agent_reserve=20)
+    for i in range(8):
+        q.put(rec(i), HIGH)
+    for i in range(10):
+        assert q.put_own(rec(100 + i))
+    assert q.bytes == 100 and q._pbytes[HIGH] == 0
+    assert m.get("queue_dropped_records", reason="overflow", priority="high") == 8
+    assert q.put_own(rec(110))
+    assert m.get("queue_dropped_records", reason="overflow", priority="agent") == 1
+    assert q.take_batch(100, 1000) == [rec(101 + i) for i in range(10)]
+
+
+def test_requeue_restores_each_records_priority():
+    q = RecordQueue(10_000, Registry())
+    q.put_own(rec(1))
+    q.put(rec(2), HIGH)
+    q.put(rec(3), NORMAL)
+    batch = q.take_batch(100, 10_000)
+    assert isinstance(batch, Batch) and batch == [rec(1), rec(2), rec(3)]
+    # Queued while the batch was out: a NORMAL record must not overtake a
+    # new HIGH one just because its write failed.
+    q.put(rec(10), HIGH)
+    q.put(rec(11), NORMAL)
+    q.put_own(rec(12))
+    q.requeue(batch)
+    assert q.take_batch(100, 10_000) == [rec(1), rec(12), rec(2), rec(10), rec(3), rec(11)]
+    assert q._pbytes == [0, 0, 0] and q.bytes == 0
+
+
+def test_requeue_newest_first_puts_the_oldest_in_front():
+    q = RecordQueue(10_000, Registry())
+    for i in range(6):
+        q.put(rec(i))
+    first = q.take_batch(2, 10_000)
+    second = q.take_batch(2, 10_000)
+    q.requeue(second)
+    q.requeue(first)
+    assert q.take_batch(100, 10_000) == [rec(i) for i in range(6)]
+
+
+def test_requeue_of_a_plain_list_is_high():
+    q = RecordQueue(10_000, Registry())
+    q.put(rec(5), NORMAL)
+    q.put(rec(6), HIGH)
+    q.requeue([rec(1), rec(2)])
+    assert q.take_batch(100, 10_000) == [rec(1), rec(2), rec(6), rec(5)]
+
+
+def test_requeue_never_exceeds_max_bytes_and_counts_what_it_drops():
+    m = Registry()
+    q = RecordQueue(100, m, agent_reserve=20)
+    for i in range(8):
+        q.put(rec(i))
+    batch = q.take_batch(5, 10_000)
+    for i in range(8, 13):
+        q.put(rec(i))         # refills while the batch is out
+    q.put_own(rec(50))
+    q.put_own(rec(51))
+    q.requeue(batch)
+    assert q.bytes <= 100 and q.plugin_bytes <= 80
+    assert q.bytes == sum(len(b) for d in q._queues for b in d)
+    # The newest plugin records made room; the agent's own stayed.
+    dropped = m.get("queue_dropped_records", reason="requeue_overflow", priority="normal")
+    assert dropped == 5
+    assert q.take_batch(100, 10_000) == [rec(50), rec(51)] + [rec(i) for i in range(8)]

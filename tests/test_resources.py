@@ -588,3 +588,25 @@ def test_system_fields_live_paths_agree():
         plain.pop(key, None), fast.pop(key, None)  # may tick between the two reads
     assert float(fast.pop("mem_usage")) == pytest.approx(float(plain.pop("mem_usage")), abs=0.01)
     assert fast == plain
+
+
+def test_a_sample_moments_after_the_baseline_is_not_tick_noise(tmp_path):
+    # What the heartbeat did: a baseline at start-up, then the first beat
+    # 5 ms later, with one 10 ms tick of cpu in between.
+    fake_process(tmp_path, utime=100, stime=0)
+    s = resources.ProcessSampler(PID, root=str(tmp_path), ncpu=2)
+    t0 = BTIME + 60.25          # 10 s after start
+    fake_process(tmp_path, utime=101, stime=0)
+    got = s.sample(now=t0)
+    # The first sample is the usage since start: 1.01 s of cpu over 10 s.
+    assert got.cpu == pytest.approx(1.01 / 10)
+    fake_process(tmp_path, utime=103, stime=0)
+    assert s.sample(now=t0 + 0.005).cpu <= 2
+
+
+def test_cpu_is_bounded_by_ncpu_when_the_start_is_only_known_to_the_second(tmp_path):
+    # btime is whole seconds: a process 0.3 s old that used 0.5 s of cpu on
+    # two cores can look 0.05 s old. It still reads at most ncpu.
+    fake_process(tmp_path, utime=CLK_TCK // 2, stime=0, start_ticks=50 * CLK_TCK)
+    got = resources.ProcessSampler(PID, root=str(tmp_path), ncpu=2).sample(now=BTIME + 50.05)
+    assert got.cpu == 2.0

@@ -1,5 +1,6 @@
 """Where records wait between their producers and the stream: the bounded
-in-memory ``RecordQueue`` (two priorities, counted drops, requeue).
+in-memory ``RecordQueue`` (the agent's own records with a reserved share,
+then plugin fd 5, then fd 4; counted drops; requeue).
 """
 
-from .queue import HIGH, NORMAL, RecordQueue  # noqa: F401
+from .queue import AGENT, HIGH, NORMAL, Batch, RecordQueue  # noqa: F401

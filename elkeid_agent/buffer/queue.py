@@ -2,20 +2,33 @@
 gRPC stream.
 
 Records are serialized ``Record`` bytes (wire.encode_record or a plugin frame
-body). Two priorities: HIGH (plugin fd 5, agent heartbeats and task errors)
-always leaves before NORMAL. The queue is bounded by bytes; ``put`` never
-blocks. When the budget is exhausted the oldest NORMAL records make room
-first, then the oldest HIGH ones; every drop is counted by reason and
-priority. A record that could never fit in a message is refused at ``put``.
+body). Three priorities, sent in this order:
 
-Batches leave through ``take_batch``; a batch the stream failed to write is
-handed back with ``requeue`` and goes out first next time, so a broken
-stream loses nothing that was not yet written.
+* AGENT: the agent's own records (heartbeats 1000/1001, 1010 error lines,
+  5100 task failures). They hold a reserved share of the byte budget
+  (``agent_reserve``, an eighth by default) that plugin records can never
+  use, and no plugin record ever evicts one: a plugin flooding fd 5 cannot
+  make the agent go silent.
+* HIGH: plugin fd 5.
+* NORMAL: plugin fd 4.
+
+The queue is bounded by bytes; ``put`` never blocks. Plugin records share
+``max_bytes - agent_reserve``; when that or the whole budget is exhausted
+the oldest NORMAL records make room first, then (for a HIGH record) the
+oldest HIGH ones. An AGENT record may evict any plugin record, then the
+oldest AGENT one. Every drop is counted by reason and priority. A record
+that could never fit in a message is refused at ``put``.
+
+Batches leave through ``take_batch`` as a ``Batch`` (a list that remembers
+how many records of each priority it holds); a batch the stream failed to
+write is handed back with ``requeue`` and goes out first next time, each
+record back in its own priority, so a broken stream loses nothing that was
+not yet written and the budget still holds.
 
 Spool seam: an object with ``spill(bodies)``, ``pending()`` and
 ``take(max_records, max_bytes)`` can be attached as ``spool``; overflow then
 goes to it instead of being dropped, and spooled (older) records are sent
-before memory ones.
+before memory ones (as NORMAL records when requeued).
 
 Thread model: call everything from the event loop thread; other threads use
 ``loop.call_soon_threadsafe(queue.put, ...)``.
@@ -24,20 +37,38 @@ Thread model: call everything from the event loop thread; other threads use
 import asyncio
 from collections import deque
 
-NORMAL, HIGH = 0, 1
-_PRIORITY_NAMES = ("normal", "high")
+NORMAL, HIGH, AGENT = 0, 1, 2
+_PRIORITY_NAMES = ("normal", "high", "agent")
+# take_batch order: the agent's own records, then plugin fd 5, then fd 4.
+SEND_ORDER = (AGENT, HIGH, NORMAL)
+_PLUGIN = (NORMAL, HIGH)
+
+
+class Batch(list):
+    """Record bytes in send order, plus ``segments``: ((priority, count), ...)
+    runs in the same order, so ``requeue`` can restore each record's own
+    priority."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self, records=(), segments=()):
+        super().__init__(records)
+        self.segments = tuple(segments)
 
 
 class RecordQueue:
-    def __init__(self, max_bytes, metrics, max_record_bytes=4 * 1024 * 1024, spool=None):
+    def __init__(self, max_bytes, metrics, max_record_bytes=4 * 1024 * 1024, spool=None,
+                 agent_reserve=None):
         self.max_bytes = max_bytes
         self.max_record_bytes = max_record_bytes
+        # An eighth of 48 MiB holds thousands of heartbeats: hours of outage.
+        self.agent_reserve = max_bytes // 8 if agent_reserve is None else agent_reserve
         self.metrics = metrics
         self.spool = spool
-        self._queues = (deque(), deque())
+        self._queues = (deque(), deque(), deque())
         # Bytes per priority, so a full queue finds room in O(records evicted)
         # instead of summing every queued length on each put.
-        self._pbytes = [0, 0]
+        self._pbytes = [0, 0, 0]
         self.bytes = 0
         self.count = 0
         self._waiter = None       # woken by the first record
@@ -51,6 +82,10 @@ class RecordQueue:
     def __len__(self):
         return self.count
 
+    @property
+    def plugin_bytes(self):
+        return self._pbytes[NORMAL] + self._pbytes[HIGH]
+
     # ------------------------------------------------------------ producers
 
     def put(self, body, priority=NORMAL):
@@ -59,7 +94,7 @@ class RecordQueue:
         if size > self.max_record_bytes:
             self._drop(1, size, "too_large", priority)
             return False
-        if self.bytes + size > self.max_bytes and not self._make_room(size, priority):
+        if not self._make_room(size, priority):
             self._drop(1, size, "overflow", priority)
             return False
         self._queues[priority].append(body)
@@ -69,34 +104,51 @@ class RecordQueue:
         self._wake()
         return True
 
+    def put_own(self, body):
+        """Queue one of the agent's own records (AGENT priority)."""
+        return self.put(body, AGENT)
+
     def _make_room(self, size, priority):
-        """Evict oldest records (NORMAL first; HIGH only for a HIGH record)
-        until ``size`` fits. With a spool attached, evicted records are
-        spilled to disk instead of dropped."""
-        victims_from = (NORMAL, HIGH) if priority == HIGH else (NORMAL,)
+        """Evict oldest records until ``size`` fits: NORMAL first, HIGH only
+        for a HIGH or AGENT record, AGENT only for an AGENT record. With a
+        spool attached, evicted records are spilled to disk instead of
+        dropped."""
         need = self.bytes + size - self.max_bytes
+        if priority == AGENT:
+            victims_from = (NORMAL, HIGH, AGENT)
+        else:
+            victims_from = (NORMAL, HIGH) if priority == HIGH else (NORMAL,)
+            need = max(need, self.plugin_bytes + size - (self.max_bytes - self.agent_reserve))
+        if need <= 0:
+            return True
         if sum(self._pbytes[p] for p in victims_from) < need:
             return False
         for p in victims_from:
-            q = self._queues[p]
-            evicted = []
-            freed = 0
-            while q and freed < need:
-                body = q.popleft()
-                freed += len(body)
-                evicted.append(body)
-            if evicted:
-                self._pbytes[p] -= freed
-                self.bytes -= freed
-                self.count -= len(evicted)
-                need -= freed
-                if self.spool is not None:
-                    self.spool.spill(evicted)
-                else:
-                    self._drop(len(evicted), freed, "overflow", p)
+            need -= self._evict(p, need, "overflow", newest=False)
             if need <= 0:
                 return True
         return need <= 0
+
+    def _evict(self, priority, need, reason, newest):
+        """Remove records of one priority until ``need`` bytes are freed (or
+        none is left); returns the bytes freed."""
+        q = self._queues[priority]
+        pop = q.pop if newest else q.popleft
+        evicted = []
+        freed = 0
+        while q and freed < need:
+            body = pop()
+            freed += len(body)
+            evicted.append(body)
+        if evicted:
+            self._pbytes[priority] -= freed
+            self.bytes -= freed
+            self.count -= len(evicted)
+            if self.spool is not None:
+                self.spool.spill(evicted[::-1] if newest else evicted)
+            else:
+                self._drop(len(evicted), freed, reason, priority)
+        return freed
 
     def _drop(self, records, nbytes, reason, priority):
         name = _PRIORITY_NAMES[priority]
@@ -143,17 +195,19 @@ class RecordQueue:
 
     def take_batch(self, max_records, max_bytes):
         """Pop up to ``max_records`` records totalling at most ``max_bytes``
-        (at least one record if any is queued). Spooled records first, then
-        HIGH, then NORMAL."""
+        (at least one record if any is queued) as a ``Batch``. Spooled
+        records first, then AGENT, then HIGH, then NORMAL."""
         if self.spool is not None and self.spool.pending():
-            batch = self.spool.take(max_records, max_bytes)
-            if batch:
-                return batch
-        batch = []
+            taken = self.spool.take(max_records, max_bytes)
+            if taken:
+                return Batch(taken, ((NORMAL, len(taken)),))
+        batch = Batch()
+        segments = []
         total = 0
-        for p in (HIGH, NORMAL):
+        for p in SEND_ORDER:
             q = self._queues[p]
             taken = 0
+            n = 0
             while q and len(batch) < max_records:
                 size = len(q[0])
                 if batch and total + size > max_bytes:
@@ -161,20 +215,59 @@ class RecordQueue:
                 batch.append(q.popleft())
                 total += size
                 taken += size
+                n += 1
             self._pbytes[p] -= taken
+            if n:
+                segments.append((p, n))
             if len(batch) >= max_records or (q and total + len(q[0]) > max_bytes):
                 break
+        batch.segments = tuple(segments)
         self.bytes -= total
         self.count -= len(batch)
         return batch
 
     def requeue(self, batch):
-        """Put a batch that was not written back at the front, in order.
-        It goes ahead of HIGH records queued since: it is older."""
-        q = self._queues[HIGH]
-        q.extendleft(reversed(batch))
-        size = sum(map(len, batch))
-        self._pbytes[HIGH] += size
-        self.bytes += size
-        self.count += len(batch)
+        """Put a batch that was not written back at the front of its records'
+        own priority queues, in order: it is older than what was queued
+        since. ``batch`` is a ``Batch`` exactly as ``take_batch`` returned it;
+        a plain list is taken as HIGH records.
+
+        When several batches go back, requeue the newest first, so the
+        oldest ends up in front.
+
+        The budget still holds afterwards: what no longer fits is evicted
+        newest and lowest priority first (NORMAL, then HIGH, then AGENT) and
+        counted as drops with ``reason=requeue_overflow``; plugin records
+        still stay out of the agent's reserved share."""
+        segments = getattr(batch, "segments", None)
+        if segments is None:
+            segments = ((HIGH, len(batch)),)
+        end = len(batch)
+        for p, n in reversed(segments):
+            part = batch[end - n:end]
+            end -= n
+            self._queues[p].extendleft(reversed(part))
+            size = sum(map(len, part))
+            self._pbytes[p] += size
+            self.bytes += size
+            self.count += n
+        if end > 0:  # segments did not cover it all: the rest as HIGH
+            part = batch[:end]
+            self._queues[HIGH].extendleft(reversed(part))
+            size = sum(map(len, part))
+            self._pbytes[HIGH] += size
+            self.bytes += size
+            self.count += end
+        self._trim_after_requeue()
         self._wake()
+
+    def _trim_after_requeue(self):
+        plugin_cap = self.max_bytes - self.agent_reserve
+        for p in (NORMAL, HIGH):
+            need = max(self.bytes - self.max_bytes, self.plugin_bytes - plugin_cap)
+            if need <= 0:
+                return
+            self._evict(p, need, "requeue_overflow", newest=True)
+        need = self.bytes - self.max_bytes
+        if need > 0:
+            self._evict(AGENT, need, "requeue_overflow", newest=True)

@@ -1,4 +1,4 @@
-"""Heartbeat records: 1000 for the agent, 1001 per plugin (PROTOCOL.md 4).
+"""Heartbeat records: 1000 for the agent, 1001 per plugin (docs/protocol.md section 4).
 
 Every field is a string; floats use ``%.8f`` like the Go agent's
 ``strconv.FormatFloat(v, 'f', 8, 64)``. Beyond Elkeid's fields the agent
@@ -15,7 +15,7 @@ from .. import wire
 
 AGENT_HEARTBEAT, PLUGIN_HEARTBEAT = 1000, 1001
 
-# PROTOCOL.md section 4, in its order: a test checks every one is present.
+# docs/protocol.md section 4, in its order: a test checks every one is present.
 AGENT_FIELDS = (
     "kernel_version", "arch", "platform", "platform_family", "platform_version", "state",
     "state_detail", "idc", "region", "net_mode", "rx_speed", "tx_speed", "cpu", "rss",
@@ -47,12 +47,14 @@ class Heartbeat:
     def __init__(self, agent):
         self.agent = agent
         self.pid = os.getpid()
+        # The process sampler's baseline is the process start: its first
+        # sample (the first heartbeat, moments from now) is the usage since
+        # start. Priming it here would make that a few-millisecond window
+        # of clock-tick noise (211 % on a 2-core host).
         self.proc = resources.ProcessSampler(self.pid)
+        # The system sampler reads its baseline when created: the first
+        # heartbeat's cpu_usage covers the time since start-up, not boot.
         self.cpu_usage = resources.CpuUsageSampler()
-        # Prime the samplers so the first heartbeat's rates cover the
-        # interval since start-up rather than since boot.
-        self.proc.sample()
-        self.cpu_usage.sample()
 
     def agent_fields(self):
         a = self.agent
@@ -82,6 +84,7 @@ class Heartbeat:
         m = a.metrics
         fields["queue_dropped"] = str(m.total("queue_dropped_records"))
         fields["queue_records"] = str(a.queue.count)
+        fields["queue_bytes"] = str(a.queue.bytes)
         fields["commands_rejected"] = str(m.total("commands_rejected"))
         return fields
 

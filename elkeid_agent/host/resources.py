@@ -1,4 +1,4 @@
-"""Resource facts for the heartbeats (PROTOCOL.md 4), read from /proc and /sys.
+"""Resource facts for the heartbeats (docs/protocol.md section 4), read from /proc and /sys.
 
 This module owns the numbers the Go agent takes from gopsutil and from its
 ``agent/resource`` package: per-process cpu/rss/io/fd/start time
@@ -187,10 +187,19 @@ class ProcessSampler:
     (gopsutil also adds delayacct_blkio_ticks, which is time spent waiting on
     block I/O, not on a CPU). The first io sample is bytes since start over
     whole seconds since start, as Go computes it.
+
+    The baseline of the first cpu sample is the process start itself, so
+    do not prime a sampler just before its first real use: two samples a
+    few milliseconds apart measure clock-tick noise (10 ms of cpu in 5 ms
+    reads as 200 %). Every cpu value is bounded by ``ncpu`` (default: the
+    CPUs this process may run on): the start time is known to a whole
+    second only (btime), and no process runs on more CPUs than exist.
     """
 
-    def __init__(self, pid: int, root: str = "/", use_psutil: Optional[bool] = None):
+    def __init__(self, pid: int, root: str = "/", use_psutil: Optional[bool] = None,
+                 ncpu: Optional[int] = None):
         self.pid = pid
+        self.ncpu = ncpu or nproc()
         self.root = root
         self._use_psutil = _psutil_for(root, use_psutil)
         self._btime = None
@@ -232,6 +241,7 @@ class ProcessSampler:
         else:  # first sample, or the pid now belongs to another process
             alive = wall - snap.start
             cpu = snap.cpu_seconds / alive if alive > 0 else 0.0
+        cpu = min(cpu, float(self.ncpu))
         self._cpu_state = (snap.start, snap.cpu_seconds, mono)
 
         read_speed = write_speed = 0.0
@@ -525,7 +535,7 @@ def dir_size(path: str, exclude: Optional[str] = None) -> int:
     Sizes are apparent sizes (st_size) of everything that is not a directory,
     symlinks counting their own length, as filepath.Walk with Lstat does.
     ``exclude`` names a top-level subdirectory to leave out (``plugin`` for
-    the agent's du, PROTOCOL.md 4); Go would skip such a name at any depth.
+    the agent's du, docs/protocol.md section 4); Go would skip such a name at any depth.
     Unreadable entries are skipped.
     """
     try:

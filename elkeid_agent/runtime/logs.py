@@ -5,8 +5,9 @@ Owns three things:
 * ``setup_logging``: JSON lines (the Go agent's zap layout: ``level``,
   ``timestamp``, ``source``, ``msg`` plus structured fields) written to
   ``<workdir>/log/elkeid-agent.log``, rotated by size with gzip-compressed
-  backups ``elkeid-agent.log.1.gz`` .. ``.N.gz`` (PROTOCOL.md section 7: 1 MB,
-  10 backups, gzip).
+  backups ``elkeid-agent.log.1.gz`` .. ``.N.gz`` (docs/protocol.md section 7:
+  1 MB, 10 backups, gzip), compressed by a background thread so no logging
+  thread (the event loop included) waits for gzip.
 * ``RemoteLogHandler``: error-level lines become DataType 1010 records for
   AgentCenter, rate-limited so a log storm cannot crowd out security data.
 * ``task_failure_record``: the 5100 record that reports a failed task (the
@@ -16,6 +17,7 @@ Structured fields are passed as ``log.error("msg", extra={"fields": {...}})``.
 """
 
 import asyncio
+import collections
 import gzip
 import json
 import logging
@@ -143,7 +145,7 @@ def _field_text(value):
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "%.8f" % value  # PROTOCOL.md section 4: floats like "%.8f"
+        return "%.8f" % value  # docs/protocol.md section 4: floats like "%.8f"
     if isinstance(value, (dict, list, tuple)):
         try:
             return json.dumps(value, default=str, ensure_ascii=False)
@@ -155,43 +157,117 @@ def _field_text(value):
 # ------------------------------------------------------------ file logging
 
 class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """RotatingFileHandler whose backups are gzip files.
+    """RotatingFileHandler whose backups are gzip files, compressed off the
+    logging thread.
 
-    The stock doRollover shifts ``rotation_filename(base.N)`` names, so with
-    ``namer`` adding ``.gz`` it shifts ``.1.gz`` .. ``.N.gz`` and calls our
-    ``rotator`` only for the live file -> ``.1.gz``."""
+    Logging happens on whatever thread logs, the event loop included, so a
+    rollover only renames the live file to ``<name>.rotated.<n>`` and opens
+    a new one: two metadata operations. A daemon thread owned by the
+    handler then compresses each rotated file in order, shifts ``.1.gz`` ..
+    ``.N.gz`` up and puts the result in ``.1.gz`` (the layout stays
+    Elkeid's: ``.1.gz`` newest, at most N backups). ``compress(source,
+    dest)`` is a seam for tests. Rotated files a crash left behind are
+    compressed at the next start; if the worker falls more than N rotations
+    behind, the oldest waiting file is deleted (counted), so the log
+    directory stays bounded."""
 
-    def __init__(self, filename, max_bytes, backups, metrics):
+    def __init__(self, filename, max_bytes, backups, metrics, compress=None):
         self.metrics = metrics
+        self.compress = compress or _gzip_file
+        self._jobs = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._seq = 0
+        self._worker = None
         super().__init__(filename, maxBytes=max_bytes, backupCount=backups,
                          encoding="utf-8", delay=False)
-        self.namer = _gz_name
-        self.rotator = self._gzip_rotate
+        leftovers = sorted(_rotated_files(self.baseFilename), key=lambda x: x[0])
+        if leftovers:
+            self._seq = leftovers[-1][0]
+            for _n, path in leftovers:
+                self._enqueue(path)
 
-    def _gzip_rotate(self, source, dest):
+    def doRollover(self):
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        if self.backupCount > 0:
+            self._seq += 1
+            rotated = "%s.rotated.%d" % (self.baseFilename, self._seq)
+            try:
+                os.replace(self.baseFilename, rotated)
+            except OSError:
+                self.metrics.inc("log_rotate_errors")
+                rotated = None
+            if rotated is not None:
+                self._enqueue(rotated)
+        else:
+            try:
+                os.unlink(self.baseFilename)
+            except OSError:
+                self.metrics.inc("log_rotate_errors")
+        if not self.delay:
+            self.stream = self._open()
+
+    def _enqueue(self, path):
+        with self._cond:
+            self._jobs.append(path)
+            while len(self._jobs) > max(self.backupCount, 1):
+                stale = self._jobs.popleft()
+                self.metrics.inc("log_rotate_errors")
+                _unlink(stale)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="elkeid-log-rotate",
+                                                daemon=True)
+                self._worker.start()
+            self._cond.notify()
+
+    def _work(self):
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                path = self._jobs.popleft()
+                self._busy = True
+            try:
+                self._compress_one(path)
+            except Exception:  # the worker must outlive any one file
+                self.metrics.inc("log_rotate_errors")
+
+    def _compress_one(self, source):
+        dest = "%s.1.gz" % self.baseFilename
         tmp = dest + ".tmp"
         try:
-            with open(source, "rb") as src, open(tmp, "wb") as raw:
-                # Level 6: about half the CPU of gzip's default 9 for the same
-                # size on log text; this runs on whatever thread logged.
-                with gzip.GzipFile(filename=os.path.basename(source), mode="wb",
-                                   fileobj=raw, compresslevel=6) as gz:
-                    shutil.copyfileobj(src, gz, 64 * 1024)
-            # Atomic: a crash mid-compression leaves a .tmp, never a torn .gz.
-            os.replace(tmp, dest)
-            self.metrics.inc("log_rotations")
+            self.compress(source, tmp)
         except OSError:
             self.metrics.inc("log_rotate_errors")
+            _unlink(tmp)
+        else:
+            for i in range(self.backupCount - 1, 0, -1):
+                older = "%s.%d.gz" % (self.baseFilename, i)
+                if os.path.exists(older):
+                    try:
+                        os.replace(older, "%s.%d.gz" % (self.baseFilename, i + 1))
+                    except OSError:
+                        self.metrics.inc("log_rotate_errors")
             try:
-                os.unlink(tmp)
+                # Atomic: a crash mid-compression leaves a .tmp, never a torn .gz.
+                os.replace(tmp, dest)
+                self.metrics.inc("log_rotations")
             except OSError:
-                pass
-        # Either way the live file goes: keeping it would let the log grow
-        # past its bound (e.g. when the disk is too full to compress).
-        try:
-            os.unlink(source)
-        except OSError:
+                self.metrics.inc("log_rotate_errors")
+                _unlink(tmp)
+        # Either way the rotated file goes: keeping it would let the log
+        # grow past its bound (e.g. when the disk is too full to compress).
+        if not _unlink(source):
             self.metrics.inc("log_rotate_errors")
+
+    def drain(self, timeout=None):
+        """Wait until every rotated file is compressed; True if it is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
 
     def handleError(self, record):
         # Count instead of printing a traceback to stderr for every line
@@ -199,8 +275,39 @@ class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self.metrics.inc("log_write_errors")
 
 
-def _gz_name(name):
-    return name + ".gz"
+def _gzip_file(source, dest):
+    with open(source, "rb") as src, open(dest, "wb") as raw:
+        # Level 6: about half the CPU of gzip's default 9 for the same size
+        # on log text.
+        with gzip.GzipFile(filename=os.path.basename(source), mode="wb",
+                           fileobj=raw, compresslevel=6) as gz:
+            shutil.copyfileobj(src, gz, 64 * 1024)
+
+
+def _rotated_files(base):
+    """(n, path) of ``<base>.rotated.<n>`` files in the log directory."""
+    directory, name = os.path.split(base)
+    prefix = name + ".rotated."
+    out = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return out
+    for entry in entries:
+        tail = entry[len(prefix):]
+        if entry.startswith(prefix) and tail.isdigit():
+            out.append((int(tail), os.path.join(directory, entry)))
+    return out
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 class LogHandles:

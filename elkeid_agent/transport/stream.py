@@ -35,7 +35,6 @@ from ..errors import LocalFault, ServerFault
 log = logging.getLogger(__name__)
 
 TRANSFER = "/grpc.Transfer/Transfer"
-UPLOAD = "/grpc.FileExt/Upload"
 _COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
 
@@ -341,28 +340,3 @@ class Transport:
                 return
             self.stats.received(len(raw))
             self.on_command(raw)
-
-    # ------------------------------------------------------------ uploads
-
-    async def upload(self, token, chunks, timeout):
-        """Client-stream FileUploadRequests over /grpc.FileExt/Upload on the
-        current channel. ``chunks`` is an async iterator of bytes. Returns
-        the FileUploadResponse status (0 = SUCCESS)."""
-        from ..pb import grpc_pb2
-        if self.channel is None:
-            raise ServerFault("no connection available", token)
-        method = self.channel.stream_unary(UPLOAD, request_serializer=_identity,
-                                           response_deserializer=_identity)
-        compression = endpoints.compression_for(self.settings.compression, self.net_mode)
-        token_field = wire.len_field(1, token.encode("utf-8")) if token else b""
-
-        async def requests():
-            async for data in chunks:
-                yield token_field + (wire.len_field(2, data) if data else b"")
-
-        raw = await asyncio.wait_for(
-            method(requests(), compression=_COMPRESSION[compression]), timeout)
-        try:
-            return grpc_pb2.FileUploadResponse.FromString(raw).status
-        except Exception:
-            raise ServerFault("malformed FileUploadResponse", token) from None

@@ -1,11 +1,13 @@
-"""The sample plugin: seeds/004's test agent as an Elkeid plugin, on the SDK.
+"""The sample plugin: the test agent of docs/protocol.md section 9.4 as an
+Elkeid plugin, on the SDK (``service.py`` is the same agent as a standalone
+service: ``python -m elkeid_devtools.sample_plugin service --config FILE``).
 
-What it does (seeds/004 P0-P2, adapted to the plugin IPC):
+What it does (the test agent's P0-P2, adapted to the plugin IPC):
 - reads a JSON config file (``--config PATH``, env ``SAMPLE_PLUGIN_CONFIG``,
   else ``config.json`` in its directory if present), overlaid by the JSON
   object in ``DETAIL`` (the server's per-plugin detail string);
 - sends a heartbeat record (DataType 9001) every ``heartbeat_interval``
-  seconds with the seeds/004 fields: agent_id pid status cpu memory timestamp
+  seconds with the test agent's fields: agent_id pid status cpu memory timestamp
   (plus counters and the HTTP port);
 - serves ``GET /health``, ``POST /reload`` and ``GET /metrics`` on a loopback
   address (``http_host`` must be 127.0.0.0/8, ::1 or localhost;
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -98,14 +101,7 @@ def validate(cfg):
         raise ConfigError("load.records_per_sec must be >= 0, or -1 for as fast as possible")
     if not 64 <= size <= 1024 * 1024:
         raise ConfigError("load.record_size must be 64..1048576")
-    host = cfg["http_host"]
-    if host != "localhost":
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ConfigError("http_host %r is not an IP address or localhost" % host) from None
-        if not address.is_loopback:
-            raise ConfigError("http_host %r is not a loopback address" % host)
+    check_loopback(cfg["http_host"], "http_host")
     for key in ("log_level", "remote_log_level"):
         if cfg[key] not in _LEVELS:
             raise ConfigError("%s must be one of %s" % (key, ", ".join(sorted(_LEVELS))))
@@ -116,6 +112,19 @@ def validate(cfg):
                 high_priority=bool(load.get("high_priority")))
     out["load"] = load
     return out
+
+
+def check_loopback(host, key):
+    """ConfigError unless ``host`` is a loopback IP address or localhost: the
+    test agent's HTTP traffic must stay on the host."""
+    if host == "localhost":
+        return
+    try:
+        address = ipaddress.ip_address(host)
+    except (TypeError, ValueError):
+        raise ConfigError("%s %r is not an IP address or localhost" % (key, host)) from None
+    if not address.is_loopback:
+        raise ConfigError("%s %r is not a loopback address" % (key, host))
 
 
 def load_config(path, detail, required=False):
@@ -184,8 +193,7 @@ class SamplePlugin:
         self.records_sent = 0
         self.record_bytes_sent = 0
         self.tasks_received = 0
-        self._cpu_mark = (time.monotonic(), _cpu_seconds())
-        self.cpu_percent = 0.0
+        self.cpu = CpuMeter()
         self.http = None
         self.http_port = 0
 
@@ -223,13 +231,7 @@ class SamplePlugin:
     # ------------------------------------------------------------ heartbeat
 
     def _sample(self):
-        now = time.monotonic()
-        cpu = _cpu_seconds()
-        mark_t, mark_cpu = self._cpu_mark
-        if now > mark_t:
-            self.cpu_percent = max(0.0, (cpu - mark_cpu) / (now - mark_t) * 100)
-        self._cpu_mark = (now, cpu)
-        return self.cpu_percent, _rss_bytes()
+        return self.cpu.sample(), rss_bytes()
 
     def heartbeat(self, status=None):
         cpu, rss = self._sample()
@@ -268,7 +270,7 @@ class SamplePlugin:
         return (200 if healthy else 503), body
 
     def metrics(self):
-        cpu, rss = self.cpu_percent, _rss_bytes()
+        cpu, rss = self.cpu.percent, rss_bytes()
         return {"agent_id": self.agent_id, "uptime": int(time.time() - self.started),
                 "heartbeat_count": self.heartbeat_count,
                 "heartbeat_failures": self.heartbeat_failures,
@@ -355,58 +357,26 @@ class SamplePlugin:
 
     # ------------------------------------------------------------ http
 
+    def http_get(self, path):
+        if path == "/health":
+            return self.health()
+        if path == "/metrics":
+            return 200, self.metrics()
+        return 404, {"error": "not found"}
+
+    def http_post(self, path):
+        if path != "/reload":
+            return 404, {"error": "not found"}
+        ok, message, restart = self.reload()
+        body = {"success": ok, "message": message, "reloaded_at": iso(time.time())}
+        if restart:
+            body["restart_required"] = restart
+        return (200 if ok else 400), body
+
     def start_http(self):
-        plugin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "sample-plugin/" + VERSION
-
-            def _send(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/health":
-                    self._send(*plugin.health())
-                elif self.path == "/metrics":
-                    self._send(200, plugin.metrics())
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(min(length, 65536))
-                if self.path != "/reload":
-                    self._send(404, {"error": "not found"})
-                    return
-                ok, message, restart = plugin.reload()
-                body = {"success": ok, "message": message, "reloaded_at": iso(time.time())}
-                if restart:
-                    body["restart_required"] = restart
-                self._send(200 if ok else 400, body)
-
-            def log_message(self, fmt, *args):
-                log.debug("http " + fmt, *args)
-
-        cfg = self.config
-        family_host = cfg["http_host"]
-        server_cls = ThreadingHTTPServer
-        if ":" in family_host:
-            import socket
-
-            class V6(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
-            server_cls = V6
-        self.http = server_cls((family_host, cfg["http_port"]), Handler)
-        self.http.daemon_threads = True
+        self.http = serve_http(self, self.config["http_host"], self.config["http_port"],
+                               "sample-plugin/" + VERSION)
         self.http_port = self.http.server_address[1]
-        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
-        log.info("http listening", extra={"host": family_host, "port": self.http_port})
 
     # ------------------------------------------------------------ main
 
@@ -432,12 +402,75 @@ class SamplePlugin:
         return 0
 
 
+def serve_http(app, host, port, server_version):
+    """A loopback JSON API in daemon threads. ``app.http_get(path)`` and
+    ``app.http_post(path)`` answer ``(code, body)``, or None to close the
+    connection without an answer."""
+
+    class Handler(BaseHTTPRequestHandler):
+
+        def _send(self, answer):
+            if answer is None:
+                self.close_connection = True
+                return
+            code, body = answer
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(app.http_get(self.path))
+
+        def do_POST(self):
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if length > 0:
+                self.rfile.read(min(length, 65536))
+            self._send(app.http_post(self.path))
+
+        def log_message(self, fmt, *args):
+            log.debug("http " + fmt, *args)
+
+    Handler.server_version = server_version
+    server_cls = ThreadingHTTPServer
+    if ":" in host:
+        class V6(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+        server_cls = V6
+    server = server_cls((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("http listening", extra={"host": host, "port": server.server_address[1]})
+    return server
+
+
 def _cpu_seconds():
     t = os.times()
     return t.user + t.system
 
 
-def _rss_bytes():
+class CpuMeter:
+    """This process's CPU use in percent of one core since the last sample."""
+
+    def __init__(self):
+        self._mark = (time.monotonic(), _cpu_seconds())
+        self.percent = 0.0
+
+    def sample(self):
+        now, cpu = time.monotonic(), _cpu_seconds()
+        mark_t, mark_cpu = self._mark
+        if now > mark_t:
+            self.percent = max(0.0, (cpu - mark_cpu) / (now - mark_t) * 100)
+        self._mark = (now, cpu)
+        return self.percent
+
+
+def rss_bytes():
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -451,6 +484,16 @@ def apply_log_levels(cfg):
     for handler in logging.getLogger().handlers:
         if isinstance(handler, sdk.RecordLogHandler):
             handler.setLevel(_LEVELS[cfg["remote_log_level"]])
+
+
+def log_to_stderr():
+    """JSON log lines on stderr at info; returns the root logger."""
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(sdk.JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    root.setLevel(logging.INFO)
+    return root
 
 
 def _args(argv):
@@ -470,12 +513,11 @@ def _args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["service"]:
+        from . import service
+        return service.main(argv[1:])
     name = os.path.basename(sys.argv[0] or "sample") or "sample"
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(sdk.JsonFormatter())
-    root = logging.getLogger()
-    root.addHandler(stderr)
-    root.setLevel(logging.INFO)
+    root = log_to_stderr()
     try:
         os.fstat(sdk.TASK_FD)
         os.fstat(sdk.RECORD_FD)

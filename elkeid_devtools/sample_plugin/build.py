@@ -9,6 +9,7 @@ byte-for-byte reproducible (fixed timestamps and order), so its sha256 is
 stable across builds.
 
     python -m elkeid_devtools.sample_plugin.build exe OUT [--python INTERP]
+    python -m elkeid_devtools.sample_plugin.build service-exe OUT [--python INTERP]
     python -m elkeid_devtools.sample_plugin.build install WORKDIR [--name NAME] [--config FILE]
     python -m elkeid_devtools.sample_plugin.build tar-gz OUT [--name NAME] [--config FILE]
         [--version V] [--url URL ...]
@@ -17,7 +18,9 @@ stable across builds.
 ``/usr/bin/env python3``; the agent starts plugins with a PATH of the usual
 system directories). ``tar-gz`` prints the plugin config for AgentCenter's
 ``POST /command/`` (sha256 of the archive, signature = sha256 of the
-executable).
+executable). ``service-exe`` builds the same agent in its standalone service
+mode (``service.py``: run as ``OUT --config FILE``, what a services file
+names as ``binary_path``); it adds only ``service.py`` to the archive.
 """
 
 import argparse
@@ -40,17 +43,20 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)
 _MODULES = (("elkeid_agent", "errors.py"), ("elkeid_agent", "wire.py"),
             ("elkeid_agent", "sdk/__init__.py"),
             ("elkeid_devtools", "sample_plugin/__init__.py"))
+_SERVICE_MODULES = _MODULES + (("elkeid_devtools", "sample_plugin/service.py"),)
 _MAIN = b"from elkeid_devtools.sample_plugin import main\nraise SystemExit(main())\n"
+_SERVICE_MAIN = (b"from elkeid_devtools.sample_plugin.service import main\n"
+                 b"raise SystemExit(main())\n")
 
 
-def zipapp_bytes(interpreter=DEFAULT_INTERPRETER):
-    """The executable's bytes."""
-    files = [("__main__.py", _MAIN),
+def zipapp_bytes(interpreter=DEFAULT_INTERPRETER, service=False):
+    """The executable's bytes (the plugin, or with ``service`` the standalone service)."""
+    files = [("__main__.py", _SERVICE_MAIN if service else _MAIN),
              ("elkeid_agent/__init__.py",
               ('"""Subset of elkeid_agent for the sample plugin."""\n__version__ = %r\n'
                % elkeid_agent.__version__).encode()),
              ("elkeid_devtools/__init__.py", b'"""The sample plugin only."""\n')]
-    for package, rel in _MODULES:
+    for package, rel in (_SERVICE_MODULES if service else _MODULES):
         data = pkgutil.get_data(package, rel)
         if data is None:
             raise RuntimeError("cannot read %s/%s" % (package, rel))
@@ -65,9 +71,9 @@ def zipapp_bytes(interpreter=DEFAULT_INTERPRETER):
     return b"#!" + interpreter.encode() + b"\n" + buf.getvalue()
 
 
-def build_exe(out, interpreter=DEFAULT_INTERPRETER):
+def build_exe(out, interpreter=DEFAULT_INTERPRETER, service=False):
     """Write the executable (mode 0700) atomically; returns its sha256."""
-    data = zipapp_bytes(interpreter)
+    data = zipapp_bytes(interpreter, service)
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-")
@@ -113,7 +119,7 @@ def tar_gz_bytes(name, interpreter=DEFAULT_INTERPRETER, config=None):
 
 
 def plugin_config(name, version, archive, signature, urls, detail=""):
-    """The config entry for AgentCenter's command API (PROTOCOL.md section 8)."""
+    """The config entry for AgentCenter's command API (docs/protocol.md section 8)."""
     return {"name": name, "type": "tar.gz", "version": version,
             "sha256": hashlib.sha256(archive).hexdigest(), "signature": signature,
             "download_url": list(urls), "detail": detail}
@@ -123,12 +129,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m elkeid_devtools.sample_plugin.build",
                                 description="Build the sample plugin executable.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd in ("exe", "install", "tar-gz"):
+    for cmd in ("exe", "service-exe", "install", "tar-gz"):
         s = sub.add_parser(cmd)
         s.add_argument("out", help="output file (exe, tar-gz) or agent workdir (install)")
         s.add_argument("--python", default=DEFAULT_INTERPRETER,
                        help="interpreter for the #! line (default: %(default)s)")
-        if cmd != "exe":
+        if cmd not in ("exe", "service-exe"):
             s.add_argument("--name", default="sample")
             s.add_argument("--config", help="JSON config file to ship as config.json")
         if cmd == "tar-gz":
@@ -140,8 +146,8 @@ def main(argv=None):
     if getattr(args, "config", None):
         with open(args.config) as f:
             config = json.load(f)
-    if args.cmd == "exe":
-        print(build_exe(args.out, args.python))
+    if args.cmd in ("exe", "service-exe"):
+        print(build_exe(args.out, args.python, service=args.cmd == "service-exe"))
     elif args.cmd == "install":
         digest = install(args.out, args.name, args.python, config)
         print(json.dumps({"name": args.name, "type": "exe", "sha256": digest,
