@@ -4,7 +4,9 @@ Data path (DESIGN.md): plugins and the agent's own producers put serialized
 Records into ``RecordQueue``; ``Transport`` drains it onto the Transfer
 stream; Commands come back through ``commands.Dispatcher`` to the agent
 tasks, the plugin supervisor and (later) the updater. Timers drive the
-heartbeat. Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint,
+heartbeat. The local services supervisor (services/) keeps the services
+file's services alive. Signals: SIGTERM/SIGINT graceful exit (services keep
+running), SIGHUP reload of the services file, SIGUSR1 debug endpoint,
 SIGUSR2 release memory.
 
 Start-up never gives up on a host problem it can survive: an unwritable
@@ -51,6 +53,7 @@ class Agent:
         self._header = b""
         self.transport = None
         self.plugins = None
+        self.services = None
         self.heartbeat = None
         self.log_handles = None
         self.debug = None
@@ -152,6 +155,7 @@ class Agent:
             except (AgentError, OSError) as e:
                 self.state.set_abnormal("plugins", "plugin supervisor: %s" % e)
                 log.error("plugin supervisor failed to start: %s", e)
+        await self._start_services()
         self.heartbeat = Heartbeat(self)
         self._install_signals(loop)
         self.owner.spawn("transport", self.transport.run)
@@ -170,6 +174,26 @@ class Agent:
             return None
         return PluginSupervisor(self.settings.workdir, self.queue, self.metrics, self.state,
                                 executors=self.executors, **self.settings.plugin_policy)
+
+    async def _start_services(self):
+        """Local services: an invalid file or a broken supervisor leaves the
+        agent running (plugins and the server link do not depend on it)."""
+        from .services.supervisor import ServiceSupervisor
+        path, explicit = self.settings.services_path()
+        try:
+            self.services = ServiceSupervisor(
+                self.settings.workdir, self.metrics, self.state, self.owner, self.executors,
+                services_file=path, explicit=explicit, service_type=self.settings.service_type)
+            await self.services.boot()
+        except Exception as e:  # the rule: the agent runs on
+            log.exception("services supervisor failed to start")
+            self.state.set_abnormal("services", "services supervisor: %s" % e)
+
+    def _reload_services(self):
+        if self.services is None:
+            return
+        log.info("SIGHUP: reloading the services file")
+        self.owner.run_once("services reload", self.services.reload())
 
     # ------------------------------------------------------------ commands
 
@@ -218,6 +242,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.request_shutdown, "SIGINT")
         loop.add_signal_handler(signal.SIGUSR1, self._toggle_debug)
         loop.add_signal_handler(signal.SIGUSR2, self._release_memory)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_services)
 
     def _toggle_debug(self):
         from .runtime import debug
@@ -240,6 +265,11 @@ class Agent:
         log.info("shutting down (%s)", self._stop_reason or "requested")
         sdnotify.stopping()
         await self.owner.cancel("heartbeat")
+        if self.services is not None:
+            try:
+                await self.services.shutdown()
+            except Exception:
+                log.exception("services supervisor shutdown failed")
         if self.plugins is not None:
             try:
                 await self.plugins.shutdown()
@@ -253,7 +283,8 @@ class Agent:
         if self.pidlock is not None:
             self.pidlock.release()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGHUP):
             loop.remove_signal_handler(sig)
         logging.getLogger("elkeid_agent").removeHandler(self._remote_log)
         self.executors.close()

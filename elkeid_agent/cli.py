@@ -36,6 +36,8 @@ def _run_parser():
     run.add_argument("--agent-id", metavar="ID", help="overrides SPECIFIED_AGENT_ID")
     run.add_argument("--heartbeat-interval", metavar="SECONDS")
     run.add_argument("--compression", metavar="none|gzip|auto")
+    run.add_argument("--services", metavar="FILE", dest="services_file",
+                     help="local services file (default WORKDIR/services.yaml)")
     sub.add_parser("ctl", help="service control (same as elkeidctl)", add_help=False)
     return p
 

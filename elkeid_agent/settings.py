@@ -99,6 +99,10 @@ class Settings:
     remote_log_per_minute: int = 60
     debug_port: int = 0  # 0: an ephemeral loopback port when toggled on
     pidfile: str = "/var/run/elkeid-agent.pid"
+    # The local services file (services/config.py); "" = <workdir>/services.yaml,
+    # where a missing file simply means no services. A file named by
+    # --services / ELKEID_SERVICES must exist (D1001 otherwise).
+    services_file: str = ""
     # Plugin supervision knobs set by the user (plugins.policy.Policy field
     # -> value); unset ones keep the Policy defaults (seeds/003).
     plugin_policy: Dict[str, object] = field(default_factory=dict)
@@ -108,6 +112,12 @@ class Settings:
     def path(self, name):
         """Resolve a path setting against the workdir."""
         return name if os.path.isabs(name) else os.path.join(self.workdir, name)
+
+    def services_path(self):
+        """(path of the services file, whether the user named it)."""
+        if self.services_file:
+            return self.path(self.services_file), True
+        return os.path.join(self.workdir, "services.yaml"), False
 
     @property
     def endpoints(self):
@@ -224,6 +234,8 @@ _SCALARS = {
     "reconnect_delay": (("ELKEID_RECONNECT_DELAY",),
                         lambda v: _number(v, "reconnect delay", float, 0.01, 3600)),
     "pidfile": (("ELKEID_PIDFILE",), _text("pid file path", maximum=4096)),
+    "services_file": (("ELKEID_SERVICES",), _text("services file path", r"^[^\x00]*$",
+                                                   maximum=4096)),
 }
 
 

@@ -28,6 +28,7 @@ KINDS = {
     "housekeeping": (1, 16),  # stderr truncation, directory sizes
     "upload": (1, 4),         # reading files for task 1050
     "files": (1, 64),         # fsync of specified_env, log rotation (gzip)
+    "probe": (4, 64),         # local services' HTTP health probes
 }
 
 
