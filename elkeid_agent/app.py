@@ -155,9 +155,11 @@ class Agent:
             except (AgentError, OSError) as e:
                 self.state.set_abnormal("plugins", "plugin supervisor: %s" % e)
                 log.error("plugin supervisor failed to start: %s", e)
+        # Before the services boot: a SIGHUP sent once they run must reload,
+        # not end the agent (its default action).
+        self._install_signals(loop)
         await self._start_services()
         self.heartbeat = Heartbeat(self)
-        self._install_signals(loop)
         self.owner.spawn("transport", self.transport.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
         sdnotify.ready("connecting")
