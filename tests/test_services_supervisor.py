@@ -431,3 +431,37 @@ def test_output_files_and_rotation(tmp_path):
         f.write(b"y" * 2000)
     assert rotate(path, 1000, 2) and os.path.exists(path + ".2")
     assert not rotate(path, 1000, 2)
+
+
+def test_the_sample_service_is_healthy_under_supervision(tmp_path):
+    """The test agent (``python -m elkeid_devtools.sample_plugin service``) with
+    JSON-RPC heartbeats on its socket and its /health as the HTTP probe."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    http_port = port.getsockname()[1]
+    port.close()
+    sock = os.path.join(str(tmp_path), "sample.sock")
+    cfg = os.path.join(str(tmp_path), "sample.json")
+    with open(cfg, "w") as f:
+        json.dump({"agent_id": "sample", "heartbeat_interval": "0.3s", "http_port": http_port,
+                   "socket_path": sock, "socket_protocol": "jsonrpc"}, f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    async def main():
+        rig = Rig(tmp_path)
+        await rig.boot([{
+            "id": "sample", "type": "custom", "binary_path": sys.executable,
+            "args": ["-m", "elkeid_devtools.sample_plugin", "service", "--config", cfg],
+            "socket_path": sock, "env": {"PYTHONPATH": root},
+            "health_check": {"interval": "0.3s", "heartbeat_timeout": "3s",
+                             "http_endpoint": "http://127.0.0.1:%d/health" % http_port,
+                             "http_timeout": "2s"}}])
+        try:
+            st = await rig.wait("sample", lambda s: s["health"] == "healthy" and
+                                s["heartbeats"] >= 3, timeout=60)
+            assert st["checks"]["http"] == "ok" and st["heartbeats_refused"] == 0
+            ok, _ = await rig.sup.stop("sample")
+            assert ok and "exited with code 0" in rig.get("sample")["last_exit"]
+        finally:
+            await rig.close()
+    run(main())
