@@ -465,3 +465,28 @@ def test_the_sample_service_is_healthy_under_supervision(tmp_path):
         finally:
             await rig.close()
     run(main())
+
+
+def test_control_requests(tmp_path):
+    async def main():
+        rig = Rig(tmp_path)
+        await rig.boot([service("s")])
+        try:
+            first = (await rig.running("s"))["pid"]
+            ok, msg = await rig.sup.stop("s")
+            assert ok and rig.get("s")["state"] == "stopped" and gone(first)
+            # restart of a stopped service starts it (and says so promptly).
+            ok, msg = await rig.sup.restart("s")
+            assert ok, msg
+            second = rig.get("s")["pid"]
+            ok, msg = await rig.sup.restart("s")
+            assert ok and rig.get("s")["pid"] not in (0, second)
+            ok, msg = await rig.sup.start("s")
+            assert ok
+            assert await rig.sup.stop("nope") == (False, "unknown service 'nope'")
+            states = [c["state"] for c in rig.changes if c["id"] == "s"]
+            assert states[:4] == ["starting", "running", "stopping", "exited"]
+            assert states.count("running") == 3
+        finally:
+            await rig.close()
+    run(main())

@@ -98,6 +98,7 @@ class ServiceRunner:
         self.started_wall = 0.0
         self.adopted = False
         self.restarts = 0
+        self.runs = 0               # processes started or adopted by this runner
         self.last_error = ""
         self.last_exit = ""
         self.heartbeats = 0
@@ -320,6 +321,7 @@ class ServiceRunner:
             await self._decide(reason, failure=True)
             return
         self.proc = proc
+        self.runs += 1
         self.ident = self.fx.capture(proc.pid, proc.start_ticks)
         self._begin_run(time.time())
         self._to(lc.RUNNING, "pid %d" % proc.pid)

@@ -330,9 +330,9 @@ class ServiceSupervisor:
             return False, "unknown service %r" % service_id
         if not runner.spec.enabled:
             return False, "service %s is disabled in the services file" % service_id
-        before = runner.restarts
+        before = runner.runs
         runner.request_restart()
-        ok = await runner.until(lambda: runner.state == "running" and runner.restarts > before
+        ok = await runner.until(lambda: runner.state == "running" and runner.runs > before
                                 or runner.state in ("failed", "exited", "backoff"),
                                 self.stop_timeout + self.kill_timeout + 30)
         return ok and runner.state == "running", "service %s is %s" % (service_id,
