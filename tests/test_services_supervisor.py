@@ -260,6 +260,12 @@ def test_daemonizing_service_is_reported_and_its_leftovers_stopped(tmp_path):
             await wait_for(lambda: gone(daemon), what="the daemonized process stopped")
         finally:
             await rig.close()
+            if os.path.exists(pidfile):  # never leave a daemon behind a failed test
+                with open(pidfile) as f:
+                    try:
+                        os.kill(int(f.read()), signal.SIGKILL)
+                    except OSError:
+                        pass
     run(main())
 
 

@@ -283,10 +283,11 @@ class ServiceProcessEffects:
     def kill(self, pid, sig):
         return signal_process(pid, sig)
 
-    def leftovers(self, leader_pid, token, min_start):
+    def leftovers(self, leader_pid, token, min_start, by_session=True):
         """Processes of one service run other than its leader: in its session
-        (the leader's pid), or carrying its run's token in their
-        environment, and started no earlier than the leader."""
+        (the leader's pid; only while the leader is unreaped, so that the id
+        cannot have been reused: ``by_session``), or carrying its run's
+        token in their environment, and started no earlier than the leader."""
         found = []
         needle = ("%s=%s" % (TOKEN_ENV, token)).encode() if token else None
         me = os.getpid()
@@ -297,7 +298,7 @@ class ServiceProcessEffects:
             try:
                 if stat is None or int(stat[19]) < min_start or stat[0] in (b"Z", b"X"):
                     continue
-                if int(stat[3]) == leader_pid:
+                if by_session and int(stat[3]) == leader_pid:
                     found.append(pid)
                     continue
             except (IndexError, ValueError):

@@ -40,6 +40,7 @@ TRANSITIONS[lc.RUNNING] = TRANSITIONS[lc.RUNNING] | {lc.EXITED}
 TRANSITIONS[lc.EXITED] = TRANSITIONS[lc.EXITED] | {lc.STARTING}
 
 DAEMONIZED = "service daemonized itself; run it in the foreground"
+RESCAN_DELAYS = (0.05, 0.25)
 
 
 class _RestartKnobs:
@@ -441,6 +442,16 @@ class ServiceRunner:
         left = self.fx.leftovers(proc.pid, self.token, proc.start_ticks)
         if proc.child:
             code = self.fx.reap(proc)
+        if not left and code in (0, None):
+            # A daemonizing run exits 0 while its child forks the daemon: one
+            # scan can fall between the child's exit and the daemon showing
+            # up. Look again (by token: the leader may be reaped now).
+            for delay in RESCAN_DELAYS:
+                await asyncio.sleep(delay)
+                left = self.fx.leftovers(proc.pid, self.token, proc.start_ticks,
+                                         by_session=False)
+                if left:
+                    break
         self.daemonized = bool(left) and code == 0
         if left:
             if self.daemonized:
