@@ -7,8 +7,11 @@ stream; Commands come back through ``commands.Dispatcher`` to the agent
 tasks, the plugin supervisor and (later) the updater. Timers drive the
 heartbeat and the systemd watchdog; after a stall they fire once and carry
 on from then (runtime/ticker.py) instead of making up every missed tick.
-Signals: SIGTERM/SIGINT graceful exit, SIGUSR1 debug endpoint, SIGUSR2
-release memory.
+The local services supervisor (services/) keeps the services file's
+services alive, and the host-metrics collectors run on that file's
+``collectors:`` section. Signals: SIGTERM/SIGINT graceful exit (services
+keep running), SIGHUP reload of the services file, SIGUSR1 debug endpoint,
+SIGUSR2 release memory.
 
 Start-up refuses, within seconds and with one line naming the file or
 setting, what can never work: a workdir that cannot be created or written,
@@ -63,6 +66,7 @@ class Agent:
         self._header = b""
         self.transport = None
         self.plugins = None
+        self.services = None
         self.heartbeat = None
         self.log_handles = None
         self.debug = None
@@ -187,8 +191,11 @@ class Agent:
             except (AgentError, OSError) as e:
                 self.state.set_abnormal("plugins", "plugin supervisor: %s" % e)
                 log.error("plugin supervisor failed to start: %s", e)
-        self.heartbeat = Heartbeat(self)
+        # Before the services boot: a SIGHUP sent once they run must reload,
+        # not end the agent (its default action).
         self._install_signals(loop)
+        await self._start_services()
+        self.heartbeat = Heartbeat(self)
         self.owner.spawn("transport", self.transport.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
         await self._start_local_reporting()
@@ -255,6 +262,50 @@ class Agent:
                 self.reports.collector_rounds(self.collectors.latest)
             await asyncio.sleep(1.0)
 
+    async def _start_services(self):
+        """Local services: an invalid file or a broken supervisor leaves the
+        agent running (plugins and the server link do not depend on it)."""
+        from .services.supervisor import ServiceSupervisor
+        path, explicit = self.settings.services_path()
+        try:
+            self.services = ServiceSupervisor(
+                self.settings.workdir, self.metrics, self.state, self.owner, self.executors,
+                services_file=path, explicit=explicit, service_type=self.settings.service_type)
+            await self.services.boot()
+        except Exception as e:  # the rule: the agent runs on
+            log.exception("services supervisor failed to start")
+            self.state.set_abnormal("services", "services supervisor: %s" % e)
+        self._apply_collectors()
+
+    def _apply_collectors(self):
+        """Host metrics run when a services file is there: on its valid
+        ``collectors:`` section (all four every 60 s unless it says
+        otherwise). A changed section replaces the collectors; an invalid
+        file keeps the ones running."""
+        from .host.metrics import Collectors
+        sup = self.services
+        if sup is None or sup.config is None:
+            return
+        wanted = sup.config.collectors if sup.file_present else {}
+        if self.collectors is not None and self.collectors.config == wanted:
+            return
+        old, self.collectors = self.collectors, None
+        if old is not None:
+            self.owner.run_once("collectors stop", old.stop())
+        if any(c.enabled for c in wanted.values()):
+            self.collectors = Collectors(wanted, self.owner, self.metrics, self.executors)
+            self.collectors.start()
+
+    def _reload_services(self):
+        if self.services is None:
+            return
+        log.info("SIGHUP: reloading the services file")
+
+        async def reload():
+            await self.services.reload()
+            self._apply_collectors()
+        self.owner.run_once("services reload", reload())
+
     # ------------------------------------------------------------ commands
 
     def _on_plugin_task(self, task):
@@ -304,6 +355,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.request_shutdown, "SIGINT")
         loop.add_signal_handler(signal.SIGUSR1, self._toggle_debug)
         loop.add_signal_handler(signal.SIGUSR2, self._release_memory)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_services)
 
     def _toggle_debug(self):
         from .runtime import debug
@@ -330,6 +382,13 @@ class Agent:
             await self.status.stop()
         if self.control is not None:
             await self.control.stop()
+        if self.collectors is not None:
+            await self.collectors.stop()
+        if self.services is not None:
+            try:
+                await self.services.shutdown()
+            except Exception:
+                log.exception("services supervisor shutdown failed")
         if self.plugins is not None:
             try:
                 await self.plugins.shutdown()
@@ -347,7 +406,8 @@ class Agent:
         if self.pidlock is not None:
             self.pidlock.release()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGHUP):
             loop.remove_signal_handler(sig)
         logging.getLogger("elkeid_agent").removeHandler(self._remote_log)
         self.executors.close()

@@ -64,15 +64,18 @@ def _run_parser():
     run.add_argument("--status-addr", metavar="127.0.0.1:PORT",
                      help="serve GET /health, /metrics, /services and POST /heartbeat there, "
                           "$ELKEID_STATUS_ADDR, loopback only (default: off)")
+    run.add_argument("--services", metavar="FILE", dest="services_file",
+                     help="local services file, $ELKEID_SERVICES; relative to the current "
+                          "directory (default: <workdir>/services.yaml, no services if absent)")
     sub.add_parser("ctl", help="service control (same as elkeidctl)", add_help=False)
     return p
 
 
 def _cwd_paths(cli):
-    """A TLS path typed on the command line means what the shell means:
-    relative to the current directory (the workdir resolves the
+    """A TLS or services path typed on the command line means what the
+    shell means: relative to the current directory (the workdir resolves the
     environment's and specified_env's, as the Go agent does)."""
-    for name in ("ca", "cert", "key"):
+    for name in ("ca", "cert", "key", "services_file"):
         if cli.get(name):
             cli[name] = os.path.abspath(cli[name])
     return cli

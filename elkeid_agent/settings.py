@@ -105,6 +105,10 @@ class Settings:
     # opt-in: (host, port) on a loopback address, None = off. Off by default
     # because it shows internals to every local user.
     status_addr: Optional[Tuple[str, int]] = None
+    # The local services file (services/config.py); "" = <workdir>/services.yaml,
+    # where a missing file simply means no services. A file named by
+    # --services / ELKEID_SERVICES must exist (D1001 otherwise).
+    services_file: str = ""
     # Plugin supervision knobs set by the user (plugins.policy.Policy field
     # -> value); unset ones keep the Policy defaults.
     plugin_policy: Dict[str, object] = field(default_factory=dict)
@@ -114,6 +118,12 @@ class Settings:
     def path(self, name):
         """Resolve a path setting against the workdir."""
         return name if os.path.isabs(name) else os.path.join(self.workdir, name)
+
+    def services_path(self):
+        """(path of the services file, whether the user named it)."""
+        if self.services_file:
+            return self.path(self.services_file), True
+        return os.path.join(self.workdir, "services.yaml"), False
 
     @property
     def endpoints(self):
@@ -256,6 +266,8 @@ _SCALARS = {
                         lambda v: _number(v, "reconnect delay", float, 0.01, 3600)),
     "pidfile": (("ELKEID_PIDFILE",), _text("pid file path", maximum=4096)),
     "status_addr": (("ELKEID_STATUS_ADDR",), lambda v: loopback_addr(v, "status address")),
+    "services_file": (("ELKEID_SERVICES",), _text("services file path", r"^[^\x00]*$",
+                                                   maximum=4096)),
 }
 
 

@@ -220,3 +220,14 @@ def test_arbitrary_json_structures_never_raise(doc):
     text = json.dumps(doc)
     cfg, found = config.parse(text, "s.json", workdir="/w", ncpu=1)
     assert (cfg is None) == bool(found)
+
+
+def test_the_documented_example_file_is_valid():
+    path = os.path.join(os.path.dirname(HERE), "examples", "services.yaml")
+    cfg, found = config.load(path, workdir="/etc/elkeid", ncpu=2)
+    assert found == [], [p.render("services.yaml") for p in found]
+    assert [s.type for s in cfg.services] == ["filebeat", "telegraf", "node_exporter", "custom"]
+    inhouse = cfg.services[3]
+    assert inhouse.restart.policy == "on-failure" and inhouse.health_check.heartbeat_timeout == 90
+    assert cfg.services[1].env == (("HOSTNAME_TAG", "web-01"),)
+    assert cfg.collectors["disk"].interval == 60 and cfg.collectors["network"].only == ()

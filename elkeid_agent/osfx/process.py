@@ -52,7 +52,8 @@ PR_GET_PDEATHSIG = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-# argv: plugin dir, executable, agent pid, death signal, highest fd to keep.
+# argv: working dir, executable, agent pid, death signal (0: none), highest
+# fd to keep, then the program's own arguments (plugins have none).
 SHIM = r"""
 import os, sys
 d, exe, ppid, sig, keep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -75,7 +76,7 @@ for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
         except OSError:
             pass
 try:
-    os.execve(exe, [exe], os.environ)
+    os.execve(exe, [exe] + sys.argv[6:], os.environ)
 except OSError as e:
     die(126 if isinstance(e, PermissionError) else 127, "execute", e)
 """

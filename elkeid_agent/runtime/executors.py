@@ -29,6 +29,7 @@ KINDS = {
     "upload": (1, 4),         # reading files for task 1050
     "files": (1, 64),         # fsync of specified_env, log rotation (gzip)
     "collect": (4, 32),       # statvfs for host metrics: each hung network mount holds a thread
+    "probe": (4, 64),         # local services' HTTP health probes
 }
 
 

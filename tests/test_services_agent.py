@@ -1,0 +1,109 @@
+"""Local services under a real ``elkeid-agent run --services FILE``: they
+survive the agent (SIGTERM or SIGKILL of it), are re-adopted with the same
+pids, and stop when removed from the file (SIGHUP)."""
+
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import AgentProc, wait_until  # noqa: E402
+from services_fixtures.rig import service, write_services  # noqa: E402
+
+from elkeid_agent.services import adoption  # noqa: E402
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def recorded(workdir):
+    try:
+        return {sid: r.pid for sid, r in adoption.load(adoption.path_in(workdir)).items()}
+    except adoption.StateError:
+        return {}
+
+
+def test_agent_restart_readopts_and_removal_stops(tmp_path):
+    wd = str(tmp_path / "agent")
+    os.makedirs(wd)
+    sock = os.path.join(str(tmp_path), "a.sock")
+    path = os.path.join(str(tmp_path), "services.json")
+    write_services(path, [
+        service("a", "--socket", sock, "--id", "a", socket_path=sock,
+                health_check={"heartbeat_timeout": "5s"}),
+        service("b")])
+    agents, pids = [], {}
+    try:
+        agent = AgentProc(wd, ["--services", path])
+        agents.append(agent)
+        pids = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(recorded(wd)), 60,
+                          what="both services recorded")
+        agent.wait_log("service a running", 30)
+
+        for rounds, how in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
+            agent.signal(how)
+            agent.proc.wait(60)
+            assert all(alive(p) for p in pids.values()), "services died with the agent"
+            agent = AgentProc(wd, ["--services", path])
+            agents.append(agent)
+            for sid, pid in pids.items():
+                # The log file is shared by the agents of this workdir.
+                needle = "service %s running: adopted pid %d" % (sid, pid)
+                wait_until(lambda: agent.log_text().count(needle) >= rounds, 60,
+                           what="this agent's " + needle)
+            assert recorded(wd) == pids
+            assert all(alive(p) for p in pids.values())
+
+        # Removing an entry and SIGHUP stops that service, and only it.
+        write_services(path, [service("a", "--socket", sock, "--id", "a", socket_path=sock,
+                                      health_check={"heartbeat_timeout": "5s"})])
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: not alive(pids["b"]), 60, what="b stopped")
+        wait_until(lambda: recorded(wd) == {"a": pids["a"]}, 60, what="b forgotten")
+        assert alive(pids["a"])
+        assert agent.alive
+    except AssertionError:
+        print(agents[-1].log_text()[-6000:])
+        raise
+    finally:
+        for a in agents:
+            if a.alive:
+                a.stop()
+        for pid in pids.values():
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def test_invalid_file_at_start_leaves_the_agent_running(tmp_path):
+    wd = str(tmp_path / "agent")
+    path = os.path.join(str(tmp_path), "services.yaml")
+    with open(path, "w") as f:
+        f.write("agents:\n  - id: x\n    type: nonsense\n")
+    agent = AgentProc(wd, ["--services", path])
+    try:
+        agent.wait_log("D1002 %s:3" % path, 60)
+        agent.wait_log("services not started", 30)
+        assert agent.alive
+    finally:
+        assert agent.stop() == 0
+
+
+def test_missing_explicit_file_is_reported(tmp_path):
+    wd = str(tmp_path / "agent")
+    agent = AgentProc(wd, [], env={"ELKEID_SERVICES": str(tmp_path / "nope.yaml")})
+    try:
+        agent.wait_log("D1001 %s" % (tmp_path / "nope.yaml"), 60)
+        assert agent.alive
+    finally:
+        assert agent.stop() == 0
+
+
+if __name__ == "__main__":
+    print(json.dumps(recorded(sys.argv[1])))
