@@ -115,6 +115,9 @@ class FakeSupervisor:
     def on_change(self, callback):
         self._observers.append(callback)
 
+    async def shutdown(self):
+        pass
+
     def kill_all(self):
         for s in self._svc.values():
             if s["_proc"] is not None:
@@ -122,8 +125,16 @@ class FakeSupervisor:
                 s["_proc"].wait()
 
 
+class FakeServicesAgent(Agent):
+    """The real agent, but its services come from the stand-in set before
+    ``start()`` instead of a services file."""
+
+    async def _start_services(self):
+        pass
+
+
 async def _main(s, specs):
-    agent = Agent(s)
+    agent = FakeServicesAgent(s)
     fake = FakeSupervisor(specs)
     agent.services = fake
     cfg = {"cpu": Collector(interval=0.5), "memory": Collector(interval=0.5)}
