@@ -15,6 +15,17 @@ from services_fixtures.rig import service, write_services  # noqa: E402
 from elkeid_agent.services import adoption  # noqa: E402
 
 
+def offline(devcenter):
+    """An endpoint nothing listens on, and TLS files (without both an agent
+    refuses to start; the services do not need the server)."""
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return ["--server", "127.0.0.1:%d" % port] + devcenter.cert_args
+
+
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -30,7 +41,7 @@ def recorded(workdir):
         return {}
 
 
-def test_agent_restart_readopts_and_removal_stops(tmp_path):
+def test_agent_restart_readopts_and_removal_stops(tmp_path, devcenter):
     wd = str(tmp_path / "agent")
     os.makedirs(wd)
     sock = os.path.join(str(tmp_path), "a.sock")
@@ -41,7 +52,7 @@ def test_agent_restart_readopts_and_removal_stops(tmp_path):
         service("b")])
     agents, pids = [], {}
     try:
-        agent = AgentProc(wd, ["--services", path])
+        agent = AgentProc(wd, ["--services", path] + offline(devcenter))
         agents.append(agent)
         pids = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(recorded(wd)), 60,
                           what="both services recorded")
@@ -51,7 +62,7 @@ def test_agent_restart_readopts_and_removal_stops(tmp_path):
             agent.signal(how)
             agent.proc.wait(60)
             assert all(alive(p) for p in pids.values()), "services died with the agent"
-            agent = AgentProc(wd, ["--services", path])
+            agent = AgentProc(wd, ["--services", path] + offline(devcenter))
             agents.append(agent)
             for sid, pid in pids.items():
                 # The log file is shared by the agents of this workdir.
@@ -81,12 +92,12 @@ def test_agent_restart_readopts_and_removal_stops(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
 
 
-def test_invalid_file_at_start_leaves_the_agent_running(tmp_path):
+def test_invalid_file_at_start_leaves_the_agent_running(tmp_path, devcenter):
     wd = str(tmp_path / "agent")
     path = os.path.join(str(tmp_path), "services.yaml")
     with open(path, "w") as f:
         f.write("agents:\n  - id: x\n    type: nonsense\n")
-    agent = AgentProc(wd, ["--services", path])
+    agent = AgentProc(wd, ["--services", path] + offline(devcenter))
     try:
         agent.wait_log("D1002 %s:3" % path, 60)
         agent.wait_log("services not started", 30)
@@ -95,9 +106,10 @@ def test_invalid_file_at_start_leaves_the_agent_running(tmp_path):
         assert agent.stop() == 0
 
 
-def test_missing_explicit_file_is_reported(tmp_path):
+def test_missing_explicit_file_is_reported(tmp_path, devcenter):
     wd = str(tmp_path / "agent")
-    agent = AgentProc(wd, [], env={"ELKEID_SERVICES": str(tmp_path / "nope.yaml")})
+    agent = AgentProc(wd, offline(devcenter),
+                      env={"ELKEID_SERVICES": str(tmp_path / "nope.yaml")})
     try:
         agent.wait_log("D1001 %s" % (tmp_path / "nope.yaml"), 60)
         assert agent.alive
