@@ -40,6 +40,11 @@ ROOT = os.path.dirname(HERE)
 GRPCIO = ("grpcio", "1.80.1")
 PROTOBUF = ("protobuf", "6.33.6")
 TYPING_EXTENSIONS = ("typing_extensions", "4.16.0")
+# The services file's YAML reader. Only its pure-Python package is bundled
+# (one set of .py files serves every CPython; yaml falls back to it when its
+# C extension is absent), taken from the cp39 wheel of the architecture.
+PYYAML = ("pyyaml", "6.0.3")
+PURE_ONLY = ("pyyaml",)
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
@@ -80,9 +85,9 @@ def version(package=os.path.join(ROOT, "elkeid_agent")):
 # ---------------------------------------------------------------- wheels
 
 def _cached(wheels, project, ver, tag_part, arch):
-    prefix = "%s-%s-" % (project, ver)
+    prefix = ("%s-%s-" % (project, ver)).lower()
     for name in sorted(os.listdir(wheels)):
-        if name.startswith(prefix) and tag_part in name and name.endswith(".whl") and \
+        if name.lower().startswith(prefix) and tag_part in name and name.endswith(".whl") and \
                 (arch in name or name.endswith("-none-any.whl")):
             return os.path.join(wheels, name)
     return None
@@ -122,6 +127,7 @@ def wheels_for(arch, wheels):
     out.append(fetch(wheels, PROTOBUF[0], PROTOBUF[1], "3.9", "abi3", arch, "-abi3-"))
     out.append(fetch(wheels, TYPING_EXTENSIONS[0], TYPING_EXTENSIONS[1], "3.9", "none", arch,
                      "-py3-none-any"))
+    out.append(fetch(wheels, PYYAML[0], PYYAML[1], "3.9", "cp39", arch, "-cp39-cp39-"))
     return out
 
 
@@ -132,11 +138,14 @@ def stage(arch, wheels, site):
     abis = []
     seen = {}
     for whl in wheels:
+        pure = os.path.basename(whl).lower().startswith(PURE_ONLY)
         with zipfile.ZipFile(whl) as zf:
             for info in sorted(zf.infolist(), key=lambda i: i.filename):
                 name = info.filename
                 if name.endswith("/") or ".dist-info/" in name and \
                         not name.endswith(("/METADATA", "/top_level.txt", "/LICENSE")):
+                    continue
+                if pure and (name.endswith(".so") or name.startswith("_yaml/")):
                     continue
                 data = zf.read(info)
                 m = re.search(r"\.(cpython-3\d+-[^/]+)\.so$", name)

@@ -216,8 +216,12 @@ def test_live_missing_pid(use_psutil):
 
 @pytest.fixture
 def idle_child():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # It says when its interpreter has started, so the samples see an idle process.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"ready\n"
         yield child.pid
     finally:
         child.kill()
@@ -226,7 +230,6 @@ def idle_child():
 
 @needs_psutil
 def test_live_idle_process_both_paths_agree(idle_child):
-    time.sleep(0.3)  # let the interpreter finish starting up
     mine = resources._stdlib_snapshot(idle_child, "/", resources.boot_time(use_psutil=False))
     theirs = resources._psutil_snapshot(psutil.Process(idle_child))
     assert mine.start_time == theirs.start_time

@@ -138,6 +138,10 @@ def test_archive_layout_and_metadata(pyz):
             v.replace(".", ""), ARCH) in names
     assert not [n for n in names if "elkeid_devtools" in n or "devcenter" in n
                 or "cryptography" in n or "sample_plugin" in n]
+    # PyYAML's pure-Python package only: one copy serves every CPython.
+    assert "site-packages/yaml/__init__.py" in names
+    assert not [n for n in names if n.startswith("site-packages/_yaml") or
+                (n.startswith("site-packages/yaml/") and n.endswith(".so"))]
     assert "site-packages/elkeid_agent/ctl/__init__.py" in names
     with open(pyz, "rb") as f:
         assert f.read(10) == b"#!/bin/sh\n"
@@ -469,14 +473,23 @@ def test_unprivileged_user_is_not_fooled_by_a_planted_directory(pyz, trap):
 def test_agent_from_zipapp_connects_to_devcenter(pyz, tmp_path, devcenter, version):
     py = pyenv(version)
     agent_id = "zipapp-cp%s" % version.replace(".", "")
+    # The bundled pure-Python PyYAML reads the services file: a bad entry is
+    # reported with its line.
+    services = tmp_path / "services.yaml"
+    services.write_text("agents:\n  - id: x\n    type: custom\n    binary_path: /bin/true\n"
+                        "    restart: {policy: sometimes}\n")
     argv = [py, pyz, "run", "--workdir", str(tmp_path / "wd"), "--server", devcenter.grpc,
-            "--agent-id", agent_id, "--heartbeat-interval", "0.5"] + devcenter.cert_args
+            "--agent-id", agent_id, "--heartbeat-interval", "0.5",
+            "--services", str(services)] + devcenter.cert_args
     agent = subprocess.Popen(argv, env=env_for(tmp_path / "cache"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
+    log = tmp_path / "wd" / "log" / "elkeid-agent.log"
     try:
         conn = devcenter.wait_agent(agent_id, timeout=60)
         assert conn["agent_id"] == agent_id
         devcenter.wait_records(1000, agent_id=agent_id, timeout=30)
+        wait_until(lambda: log.exists() and "D1002 %s:5: agents[0].restart.policy" % services
+                   in log.read_text(), 30, what="the services file's problem in the log")
     finally:
         agent.send_signal(signal.SIGTERM)
         rc = agent.wait(30)
