@@ -307,6 +307,29 @@ def test_store_survives_a_failed_transaction(tmp_path, monkeypatch):
         store.close()
 
 
+def test_store_survives_a_waiter_that_gave_up(tmp_path):
+    """A caller whose stream went away cancels its future before the commit:
+    the writer thread must go on (settling a cancelled future raises)."""
+    from elkeid_devtools.devcenter.store import Store
+    store = Store(str(tmp_path / "s.db"), str(tmp_path / "up"))
+    store.open()
+    try:
+        gate = threading.Event()
+        real_write = store._write
+
+        def slow_write(items):
+            gate.wait(10)
+            real_write(items)
+
+        store._write = slow_write
+        abandoned = store.set_configs("a", b"\x1a\x00")
+        assert abandoned.cancel()
+        gate.set()
+        store.set_configs("b", b"\x1a\x00").result(10)  # the writer is still alive
+    finally:
+        store.close()
+
+
 def test_malformed_packaged_data_is_counted_and_stream_survives(tmp_path):
     async def main():
         async with devcenter(tmp_path) as dc:

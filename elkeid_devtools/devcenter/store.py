@@ -470,6 +470,10 @@ class Store:
                 for key, n in added.items():
                     self._counts[key] = self._counts.get(key, 0) + n
         for future in futures:
+            # The waiter may have gone (its stream was cancelled): settling a
+            # cancelled future raises, and must not end the store thread.
+            if not future.set_running_or_notify_cancel():
+                continue
             if error is None:
                 future.set_result(None)
             else:
