@@ -465,6 +465,16 @@ def test_postinstall_failure_is_loud(host):
     assert "start" not in host.ctl_log()
 
 
+def test_postinstall_with_an_agent_that_will_not_start_warns_and_succeeds(host):
+    host.tool("update-rc.d")
+    rc, out, err = host.run("postinstall.sh", "configure", "", env={"ELKEID_FAKE_FAIL": "start"})
+    assert rc == 0, err
+    assert "fake elkeidctl: start went wrong" in err
+    assert "post-install: warning: installed and enabled, but the agent did not start" in err
+    assert "post-install failed" not in err
+    assert "enable" in host.ctl_log() and "start" in host.ctl_log()
+
+
 def test_postinstall_without_any_service_manager(host):
     rc, out, err = host.run("postinstall.sh", "configure", "")
     assert rc == 1

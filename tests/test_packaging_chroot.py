@@ -219,16 +219,24 @@ def test_deb_in_a_debian_chroot_sysvinit_end_to_end(chroot, packages, tmp_path):
         dc.stop()
 
 
-def test_rpm_scriptlets_install_and_erase_in_a_chroot(chroot, packages):  # noqa: F811
+def test_rpm_scriptlets_install_and_erase_in_a_chroot(chroot, packages, tmp_path):  # noqa: F811
     """rpm runs the scriptlets with its own arguments (1 on install, 0 on
     erase) inside the root: the same end result as the .deb."""
     if not shutil.which("rpm"):
         unavailable("rpm is not installed (./build.sh test installs it)")
     c = chroot
     before = c.tree()
+    # TLS files (without them the agent refuses to start) and an endpoint
+    # nothing listens on: it keeps retrying.
+    dc = DevCenterProc(tmp_path / "certs-only")
+    dc.stop()
+    shutil.copytree(dc.certs, c.path("/root/elkeid-certs"))
     os.makedirs(c.path("/etc/elkeid"), mode=0o700)
     with open(c.path("/etc/elkeid/specified_env"), "w") as f:
-        f.write("ELKEID_SERVER=127.0.0.1:9\n")  # nothing listens: it keeps retrying
+        f.write("ELKEID_SERVER=127.0.0.1:9\n"
+                "ELKEID_CA=/root/elkeid-certs/ca.crt\n"
+                "ELKEID_CERT=/root/elkeid-certs/client.crt\n"
+                "ELKEID_KEY=/root/elkeid-certs/client.key\n")
     rpm = ["rpm", "--root=" + c.root, "--dbpath=/var/lib/rpm", "--nodeps"]
     env = {"PATH": BASE_PATH, "SPECIFIED_AGENT_ID": "rpm-agent"}
     rc, out, err = c.host_run(*(rpm + ["-i", packages[debian_arch(), "rpm"]]), env=env)
@@ -241,6 +249,7 @@ def test_rpm_scriptlets_install_and_erase_in_a_chroot(chroot, packages):  # noqa
     rc, out, err = c.host_run(*(rpm + ["-e", "elkeid-agent"]), env=env)
     assert rc == 0, out + err
     assert c.processes() == []
+    shutil.rmtree(c.path("/root/elkeid-certs"))
     after = c.tree()
     assert after - before == set(), "left behind: %s" % sorted(after - before)
     assert before - after == set(), "removed: %s" % sorted(before - after)

@@ -11,7 +11,8 @@
 # The service type is $ELKEID_SERVICE_TYPE, else the one already in
 # specified_env, else systemd when systemd is running, else sysvinit.
 # Quiet on success (warnings excepted); on failure the command's output, one
-# line naming what failed, and a non-zero exit.
+# line naming what failed, and a non-zero exit. An agent that does not start
+# is a warning, not a failure: the package is in place and enabled.
 root=/etc/elkeid
 ctl=$root/elkeidctl
 
@@ -80,6 +81,15 @@ fi
 quiet "$ctl" service-reload
 quiet "$ctl" cleanup
 if [ "$action" = install ]; then
-    quiet "$ctl" start
+    # The package is installed and enabled whatever happens here. An agent
+    # that refuses to start says why in one line (no endpoint, missing TLS
+    # files: configuration often arrives after the package); that is shown,
+    # and the service manager (systemd's Restart=, sysvinit's cron check)
+    # starts it once the configuration is fixed.
+    if ! out=$("$ctl" start 2>&1); then
+        [ -n "$out" ] && printf '%s\n' "$out" >&2
+        echo "elkeid-agent: post-install: warning: installed and enabled, but the agent did" \
+            "not start (above); it starts once that is fixed (or: $ctl start)" >&2
+    fi
 fi
 exit 0
