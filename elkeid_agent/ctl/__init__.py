@@ -6,7 +6,7 @@
     elkeidctl unset --service_type --id --idc --region
     elkeidctl cgroup [--apply] [--json]
     elkeidctl cleanup | service-reload
-    elkeidctl services [--json] | services restart|stop|start ID | services reload
+    elkeidctl services [--json] | services restart|stop|start ID | services reload|stop-all
 
 ``--workdir DIR`` (or ``ELKEID_WORKDIR``; default /etc/elkeid) before the
 command says where the agent's files are, for every command.
@@ -103,6 +103,9 @@ def _parser(out, err):
         actions.add_parser(name, help=text, description=text, out=out, err=err) \
             .add_argument("service_id", metavar="ID")
     actions.add_parser("reload", help="re-read the services file", out=out, err=err)
+    text = ("with the agent stopped: stop every service an agent left running (its "
+            "state file's runs and any elkeid-service-* unit); the package's pre-remove")
+    actions.add_parser("stop-all", help=text, description=text, out=out, err=err)
     cg = add("cgroup")
     cg.add_argument("--apply", action="store_true",
                     help="create the cgroup with its limits and move the agent into it")

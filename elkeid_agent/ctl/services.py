@@ -3,6 +3,13 @@
     elkeidctl services [--json]            list (a table, or GET /services' objects)
     elkeidctl services restart|stop|start ID
     elkeidctl services reload              re-read the services file
+    elkeidctl services stop-all            with the agent stopped: stop what it left
+
+Services outlive the agent (docs/services.md), so stopping the agent leaves
+them running; ``stop-all`` is how the package's pre-remove makes sure a
+removed agent leaves no supervised process running unsupervised. It works
+from the state file the agent keeps (``<workdir>/services/state.json``:
+pid and start time, transient unit, run token), so it needs no agent.
 
 It talks to the agent over its control socket (``<workdir>/tmp/control.sock``,
 elkeid_agent/runtime/ctlsock.py), which is always on, so it works without
@@ -11,12 +18,16 @@ the opt-in status endpoint. No agent listening is one line and exit status
 """
 
 import json
+import os
+import signal
 import socket
+import time
 
 from ..runtime import ctlsock
 from .layout import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PRIVILEGE, CtlError
 
-ACTIONS = ("restart", "stop", "start", "reload")
+ACTIONS = ("restart", "stop", "start", "reload", "stop-all")
+STOP_TIMEOUT = 10.0  # the supervisor's default: SIGTERM, this long, SIGKILL
 _COLUMNS = (("ID", "id"), ("TYPE", "type"), ("STATE", "state"), ("PID", "pid"),
             ("UPTIME", "uptime"), ("RESTARTS", "restarts"), ("HEALTH", "health"),
             ("LAST ERROR", "last_error"))
@@ -50,6 +61,8 @@ def run(ctl, action, service_id, as_json):
         services = answer.get("services") or []
         ctl.say(json.dumps(services, indent=2, sort_keys=True) if as_json else table(services))
         return EXIT_OK
+    if action == "stop-all":
+        return stop_all(ctl)
     request = {"op": action}
     if action != "reload":
         request["id"] = service_id
@@ -97,3 +110,56 @@ def table(services):
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
                      for r in rows)
+
+
+def stop_all(ctl, fx=None):
+    """Stop every run the state file records (a transient unit with
+    ``systemctl stop``; a session leader that still has its recorded start
+    time with SIGTERM to its group, then SIGKILL of the group and of what
+    carries the run's token) and any loaded ``elkeid-service-*`` unit, then
+    remove the state file. Refused while an agent answers: it would start
+    them again."""
+    from ..osfx.services import UNIT_PREFIX, ServiceProcessEffects
+    from ..services import adoption
+    try:
+        ask(ctl.paths, {"op": "list"}, timeout=10)
+    except CtlError as e:
+        if e.code != EXIT_NOT_RUNNING:
+            raise
+    else:
+        raise CtlError("elkeid-agent is running: stop it first (it would start its "
+                       "services again)")
+    fx = fx or ServiceProcessEffects()
+    path = adoption.path_in(ctl.paths.workdir)
+    try:
+        records = adoption.load(path)
+    except adoption.StateError as e:
+        ctl.warn("%s; stopping only the elkeid-service-* units" % e)
+        records = {}
+    for sid in sorted(records):
+        rec = records[sid]
+        if rec.unit:
+            fx.stop_unit(rec.unit, STOP_TIMEOUT + 30)
+            continue
+        ident = fx.capture(rec.pid, rec.start_time)
+        if ident is not None and fx.alive(ident):
+            fx.signal_session(ident, signal.SIGTERM)
+            fx.signal_session(ident, signal.SIGCONT)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while fx.alive(ident) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if fx.alive(ident):
+                fx.signal_session(ident, signal.SIGKILL)
+                fx.kill(ident, signal.SIGKILL)
+        for pid in fx.leftovers(rec.pid, rec.token, rec.start_time, by_session=False):
+            fx.kill(pid, signal.SIGKILL)
+    if fx.systemd_is_init():
+        rc, out = fx.stop_unit(UNIT_PREFIX + "*.service", STOP_TIMEOUT + 30)
+        if rc != 0:
+            raise CtlError("systemctl stop %s*.service failed (%d): %s"
+                           % (UNIT_PREFIX, rc, out.strip()[-300:]))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return EXIT_OK

@@ -1,10 +1,11 @@
 #!/bin/sh
 # elkeid-agent pre-remove (deb prerm / rpm %preun), as Elkeid's
 # preremove.sh does it, on removal only (not on upgrade): disable the
-# service, stop the agent (and its plugins), unlink the systemd unit,
-# remove its cgroups, logs,
-# plugins, machine-id, specified_env, cron file, pid files and the zipapp's
-# extraction cache, so that removing the package leaves nothing behind.
+# service, stop the agent (and its plugins) and its local services, unlink
+# the systemd unit, remove its cgroups, logs, plugins, services' state and
+# work dirs (services.yaml, the operator's, stays), machine-id,
+# specified_env, cron file, pid files and the zipapp's extraction cache,
+# so that removing the package leaves nothing behind.
 # Quiet on success; if disabling the service fails: its output, one line
 # and a non-zero exit (the package stays installed: fix the cause and remove
 # it again).
@@ -54,6 +55,13 @@ if ! out=$("$ctl" stop 2>&1); then
     printf '%s\n' "$out" >&2
     echo "elkeid-agent: pre-remove: warning: stopping the agent failed; removing anyway" >&2
 fi
+# Local services outlive the agent (each its own transient unit, or its own
+# session): a removed agent must not leave them running unsupervised.
+if ! out=$("$ctl" services stop-all 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "elkeid-agent: pre-remove: warning: stopping the local services failed;" \
+        "removing anyway" >&2
+fi
 # elkeidctl disable leaves the unit linked (known to systemd, not started
 # at boot); unlink it now that it is stopped, if the link is ours.
 unit_link=/etc/systemd/system/elkeid-agent.service
@@ -67,7 +75,7 @@ fi
 for m in "$root"/cgroup/*; do
     [ -d "$m" ] && umount "$m" >/dev/null 2>&1
 done
-rm -rf "$root/cgroup" "$root/log" "$root/plugin" "$root/tmp"
+rm -rf "$root/cgroup" "$root/log" "$root/plugin" "$root/tmp" "$root/services"
 rm -f "$root/machine-id" "$root/specified_env" "$root/plugin.sock" "$root/stderr" \
     "$root/stdout"
 rm -f /etc/cron.d/elkeid-agent /var/run/elkeid-agent.pid /var/run/elkeidctl.pid
