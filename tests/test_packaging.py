@@ -491,16 +491,17 @@ def test_postinstall_abort_actions_do_nothing(host, args):
 def test_preremove_removes_everything(host, args):
     etc = host.dirs["/etc/elkeid"]
     (etc / "specified_env").write_text("service_type=sysvinit\n")
-    for d in ("log", "plugin/collector", "tmp", "cgroup"):
+    for d in ("log", "plugin/collector", "tmp", "cgroup", "services/filebeat"):
         (etc / d).mkdir(parents=True)
     (etc / "machine-id").write_text("x")
+    (etc / "services" / "state.json").write_text("{}")
     (etc / "log" / "elkeid-agent.log").write_text("x")
     (host.dirs["/etc/init.d"] / "elkeid-agent").write_text("#!/bin/sh\n")
     (host.dirs["/etc/cron.d"] / "elkeid-agent").write_text(layout.CRON_LINE)
     (host.dirs["/var/cache"] / "elkeid-agent").mkdir()
     rc, out, err = host.run("preremove.sh", *args)
     assert (rc, out, err) == (0, "", ""), err
-    assert host.ctl_log() == ["status", "disable", "stop"]
+    assert host.ctl_log() == ["status", "disable", "stop", "services stop-all"]
     left = sorted(os.listdir(str(etc)))
     assert left == ["ctl.log", "elkeid-agent.sysvinit", "elkeidctl"]  # package files: dpkg's job
     assert os.listdir(str(host.dirs["/etc/init.d"])) == []
@@ -541,7 +542,8 @@ def test_preremove_with_a_missing_specified_env_still_removes(host):
     rc, out, err = host.run("preremove.sh", "remove")
     assert rc == 0, err
     assert "specified_env is missing or corrupt; assuming service_type=sysvinit" in err
-    assert host.ctl_log() == ["status", "set --service_type=sysvinit", "disable", "stop"]
+    assert host.ctl_log() == ["status", "set --service_type=sysvinit", "disable", "stop",
+                              "services stop-all"]
 
 
 def test_preremove_disable_failure_is_loud_and_stops_the_removal(host):

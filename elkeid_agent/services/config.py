@@ -603,8 +603,8 @@ def parse(text, filename="services.yaml", workdir="/etc/elkeid", ncpu=None):
     checker = _Checker(workdir, ncpu or os.cpu_count() or 1)
     try:
         # A JSON document in services.yaml is read as JSON: on a host
-        # without PyYAML (the package does not ship it) that is the only
-        # way to use the default file, as the D1001 message advises.
+        # without PyYAML (a pip install without it) that is the only way to
+        # use the default file, as the D1001 message advises.
         if filename.endswith(".json") or text.lstrip().startswith("{"):
             root = _from_json(text)
             try:  # JSON is YAML too: read it again for line numbers
