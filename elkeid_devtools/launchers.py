@@ -46,6 +46,20 @@ def wait_until(predicate, timeout=20.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
+async def wait_for(predicate, timeout=30.0, what="condition", interval=0.05):
+    """``wait_until`` for code running on an event loop: polls without
+    blocking the loop."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+        await asyncio.sleep(interval)
+
+
 def _env(extra=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -20,6 +20,7 @@ from elkeid_agent.transport import upload
 from elkeid_agent.transport.stream import Transport
 from elkeid_agent.transport.upload import UploadPlan, Uploader
 from elkeid_devtools.devcenter.server import DevCenter
+from elkeid_devtools.launchers import wait_for
 from test_transport_inprocess import settings_for
 
 
@@ -30,18 +31,6 @@ def test_every_admitted_file_fits_the_deadline_at_production_pacing(buf_size):
     chunks = -(-plan.limit // plan.chunk)       # ceil: chunks of the largest admitted file
     assert (chunks - 1) * plan.interval < plan.timeout
     assert plan.interval == 1.0                 # Elkeid's pacing: one chunk a second
-
-
-async def wait_for(predicate, timeout, what):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        await asyncio.sleep(0.02)
 
 
 def task(token, path, buf_size):

@@ -1,18 +1,17 @@
 """An in-process services supervisor on a real event loop, with real
 processes, real sockets and a real services file, for the tests."""
 
-import asyncio
 import json
 import os
 import signal
 import sys
-import time
 
 from elkeid_agent.metrics import Registry
 from elkeid_agent.runtime.executors import Executors
 from elkeid_agent.runtime.tasks import TaskOwner
 from elkeid_agent.services.supervisor import ServiceSupervisor
 from elkeid_agent.state import AgentState
+from elkeid_devtools.launchers import wait_for
 
 SVC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "svc.py")
 PY = sys.executable
@@ -36,17 +35,6 @@ def write_services(path, entries):
     with open(path + ".tmp", "w") as f:
         json.dump({"agents": entries}, f)
     os.replace(path + ".tmp", path)
-
-
-async def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        await asyncio.sleep(0.05)
 
 
 class Rig:
