@@ -119,3 +119,54 @@ def test_missing_explicit_file_is_reported(tmp_path, devcenter):
 
 if __name__ == "__main__":
     print(json.dumps(recorded(sys.argv[1])))
+
+
+def test_the_documented_interface_with_the_real_supervisor(tmp_path, devcenter):
+    """`elkeid-agent run --services FILE --status-addr 127.0.0.1:PORT`: GET
+    /services, `elkeidctl --workdir DIR services --json`, POST /heartbeat,
+    `services restart ID` and the 1020 records all speak of the same service."""
+    from test_ctl_services import ctl
+    from test_status_endpoint import free_port, http, reachable
+    wd = str(tmp_path / "agent")
+    path = os.path.join(str(tmp_path), "services.json")
+    write_services(path, [service("web", health_check={"heartbeat_timeout": "30s"})])
+    port = free_port()
+    agent = AgentProc(wd, ["--services", path, "--status-addr", "127.0.0.1:%d" % port,
+                           "--agent-id", "iface", "--heartbeat-interval", "0.5",
+                           "--server", devcenter.grpc] + devcenter.cert_args)
+    try:
+        wait_until(lambda: reachable(port), 60, what="the status endpoint")
+        [web] = wait_until(lambda: [s for s in http(port, "/services")[1]
+                                    if s["state"] == "running" and s["pid"]], 60,
+                           what="the service running")
+        for key in ("id", "type", "state", "pid", "restarts", "health", "last_error"):
+            assert key in web
+        assert (web["id"], web["type"], web["restarts"]) == ("web", "custom", 0)
+        rc, out, err = ctl("--workdir", wd, "services", "--json")
+        assert rc == 0, err
+        [listed] = json.loads(out)
+        assert {k: listed[k] for k in ("id", "state", "pid")} == \
+            {"id": "web", "state": "running", "pid": web["pid"]}
+        hb = {"agent_id": "web", "pid": web["pid"], "status": "running",
+              "timestamp": "2026-12-01T10:00:00Z"}
+        assert http(port, "/heartbeat", hb) == (200, {"message": "heartbeat received"})
+        status, body = http(port, "/heartbeat", dict(hb, pid=1))
+        assert status == 400, body
+        rc, out, err = ctl("--workdir", wd, "services", "restart", "web")
+        assert rc == 0, err
+        restarted = wait_until(lambda: [s for s in http(port, "/services")[1]
+                                        if s["state"] == "running" and s["pid"]
+                                        and s["pid"] != web["pid"]], 60,
+                               what="a new pid after restart")
+        assert not alive(web["pid"])
+        new_pid = restarted[0]["pid"]
+        [rec] = devcenter.wait_records(
+            1020, lambda r: r["fields"].get("pid") == str(new_pid), agent_id="iface",
+            timeout=60)[-1:]
+        assert rec["fields"]["id"] == "web" and rec["fields"]["state"] == "running"
+    finally:
+        pids = [s["pid"] for s in http(port, "/services")[1] if s["pid"]] \
+            if reachable(port) else []
+        agent.stop()
+        for pid in pids:  # services outlive the agent by design
+            os.kill(pid, signal.SIGKILL)
