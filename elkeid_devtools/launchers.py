@@ -60,6 +60,23 @@ async def wait_for(predicate, timeout=30.0, what="condition", interval=0.05):
         await asyncio.sleep(interval)
 
 
+def processes_mentioning(needle):
+    """pids (other than this process) whose command line contains ``needle``:
+    how tests prove a process they did not start directly is gone."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmdline = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            out.append(int(name))
+    return out
+
+
 def _env(extra=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

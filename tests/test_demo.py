@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from elkeid_devtools.launchers import ROOT, _env, wait_until
+from elkeid_devtools.launchers import ROOT, _env, processes_mentioning, wait_until
 
 
 def _demo(base, seconds="8"):
@@ -63,19 +63,6 @@ def test_a_second_run_in_the_same_dir_reports_only_its_own_records(tmp_path):
     assert "1 x 9003" in stored and echo
 
 
-def _processes_mentioning(needle):
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                cmdline = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        if needle in cmdline:
-            out.append(int(name))
-    return out
 
 
 def test_demo_cut_short_by_its_reader_exits_quietly_and_leaves_nothing_running(tmp_path):
@@ -89,10 +76,10 @@ def test_demo_cut_short_by_its_reader_exits_quietly_and_leaves_nothing_running(t
         text = err.read_text()
         assert "Traceback" not in text and "BrokenPipe" not in text, text
         # The devcenter, the agent and its plugin all went with the demo.
-        wait_until(lambda: not _processes_mentioning(str(base)), 60,
+        wait_until(lambda: not processes_mentioning(str(base)), 60,
                    what="the demo's children to exit")
     finally:
-        for pid in _processes_mentioning(str(base)):
+        for pid in processes_mentioning(str(base)):
             os.kill(pid, signal.SIGKILL)
 
 

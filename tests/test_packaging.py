@@ -342,7 +342,8 @@ case " $* " in *" $ELKEID_FAKE_FAIL "*) echo "fake elkeidctl: $1 went wrong" >&2
 case "$1" in
     status) [ -f /etc/elkeid/specified_env ] || exit 6 ;;
     enable) echo "elkeidctl: warning: a warning worth showing" >&2 ;;
-    start) echo "elkeid-agent started (pid 1)" ;;
+    start) echo "elkeid-agent started (pid 1)"
+           [ -z "$ELKEID_FAKE_START_WARNING" ] || echo "elkeidctl: warning: $ELKEID_FAKE_START_WARNING" >&2 ;;
 esac
 exit 0
 """
@@ -473,6 +474,15 @@ def test_postinstall_with_an_agent_that_will_not_start_warns_and_succeeds(host):
     assert "post-install: warning: installed and enabled, but the agent did not start" in err
     assert "post-install failed" not in err
     assert "enable" in host.ctl_log() and "start" in host.ctl_log()
+
+
+def test_postinstall_shows_the_warnings_of_a_successful_start(host):
+    host.tool("update-rc.d")
+    rc, out, err = host.run("postinstall.sh", "configure", "",
+                            env={"ELKEID_FAKE_START_WARNING": "no cgroup support found"})
+    assert rc == 0, err
+    assert "elkeidctl: warning: no cgroup support found" in err
+    assert "did not start" not in err
 
 
 def test_postinstall_without_any_service_manager(host):

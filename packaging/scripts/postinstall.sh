@@ -86,7 +86,9 @@ if [ "$action" = install ]; then
     # files: configuration often arrives after the package); that is shown,
     # and the service manager (systemd's Restart=, sysvinit's cron check)
     # starts it once the configuration is fixed.
-    if ! out=$("$ctl" start 2>&1); then
+    if out=$("$ctl" start 2>&1); then
+        printf '%s\n' "$out" | grep 'warning:' >&2
+    else
         [ -n "$out" ] && printf '%s\n' "$out" >&2
         echo "elkeid-agent: post-install: warning: installed and enabled, but the agent did" \
             "not start (above); it starts once that is fixed (or: $ctl start)" >&2

@@ -10,6 +10,7 @@ import time
 
 from elkeid_agent import wire
 from elkeid_devtools.launchers import FileServer  # noqa: F401 (re-exported for the tests)
+from elkeid_devtools.launchers import wait_for
 from elkeid_agent.metrics import Registry
 from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.plugins import PluginSupervisor
@@ -121,11 +122,8 @@ class Rig:
 
 
 async def wait_until(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        await asyncio.sleep(0.05)
+    """The plugin tests' name for the launchers' async wait."""
+    await wait_for(predicate, timeout, what)
 
 
 def alive(pid):
