@@ -83,6 +83,10 @@ def test_file_at_the_limit_for_a_buf_size_over_the_chunk_completes_and_over_it_i
         rows = await wait_for(lambda: [u for u in dc.store.uploads(token="t-ok")
                                        if u["status"] == "success"] or failures, 60,
                               "the upload to finish")
+        # The server stores the file before the agent has read its answer:
+        # one upload at a time, so wait for the agent's side to end too.
+        await wait_for(lambda: metrics.get("uploads_completed") or failures, 30,
+                       "the agent to finish the upload")
         tasks.handle(task("t-big", big, 20_000))
         await wait_for(lambda: any(t == "t-big" for t, _ in failures), 30, "the refusal")
         return rows, failures
@@ -103,6 +107,8 @@ def test_empty_file_and_exact_multiple_of_the_chunk_arrive_whole(tmp_path):
     async def body(dc, tasks, failures, metrics):
         tasks.handle(task("t-empty", empty, 1000))
         await wait_for(lambda: dc.store.uploads(token="t-empty") or failures, 30, "empty")
+        await wait_for(lambda: metrics.get("uploads_completed") or failures, 30,
+                       "the agent to finish the first upload")
         tasks.handle(task("t-exact", exact, 1000))
         return await wait_for(lambda: dc.store.uploads(token="t-exact") or failures, 30,
                               "exact")
