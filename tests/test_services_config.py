@@ -231,3 +231,30 @@ def test_the_documented_example_file_is_valid():
     assert inhouse.restart.policy == "on-failure" and inhouse.health_check.heartbeat_timeout == 90
     assert cfg.services[1].env == (("HOSTNAME_TAG", "web-01"),)
     assert cfg.collectors["disk"].interval == 60 and cfg.collectors["network"].only == ()
+
+
+def test_json_in_services_yaml_loads_without_pyyaml(tmp_path):
+    """What the D1001 message advises where PyYAML is missing: write the
+    default file as JSON."""
+    import subprocess
+    import sys
+    path = tmp_path / "services.yaml"
+    path.write_text('{"agents": [{"id": "a", "type": "custom", "binary_path": "/bin/true"}]}')
+    code = ("import sys; sys.modules['yaml'] = None\n"
+            "from elkeid_agent.services import config\n"
+            "cfg, found = config.load(%r, workdir='/w', ncpu=1)\n"
+            "assert found == [] and cfg.services[0].id == 'a', found\n" % str(path))
+    root = os.path.dirname(HERE)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=root),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    yaml_text = tmp_path / "other.yaml"
+    yaml_text.write_text("agents: []\n")
+    code = ("import sys; sys.modules['yaml'] = None\n"
+            "from elkeid_agent.services import config\n"
+            "cfg, found = config.load(%r, workdir='/w', ncpu=1)\n"
+            "print(found[0].render('other.yaml'))\n" % str(yaml_text))
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=root),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("D1001 other.yaml: PyYAML is not available")
