@@ -16,7 +16,7 @@ from elkeid_agent.plugins import fetch
 from elkeid_agent.plugins.fetch import Cancelled, FetchError
 from elkeid_agent.plugins.policy import Policy
 from elkeid_agent.plugins.syncplan import PluginSpec
-from plugins_fixtures.harness import FileServer, sha256
+from plugins_fixtures.harness import FileServer, bad_status_line, sha256, truncated_chunks
 
 EXE = b"#!/bin/sh\necho plugin\n"
 
@@ -363,23 +363,10 @@ def test_clean_stale_removes_only_staging_leftovers(root):
     assert sorted(os.listdir(root)) == [".p.pgid", "p"]
 
 
-def _bad_status_line(handler):
-    handler.wfile.write(b"this is no status line\r\n\r\n")
-    handler.close_connection = True
-
-
-def _truncated_chunks(handler):
-    handler.send_response(200)
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler.end_headers()
-    handler.wfile.write(b"zz-not-a-chunk-size\r\n")
-    handler.close_connection = True
-
-
 def test_bad_http_answers_are_one_url_failing_and_the_next_is_tried(root, server):
     """BadStatusLine at open and IncompleteRead while reading are
     http.client.HTTPException, not OSError: each is that URL's failure."""
-    bad = [server.add("/status", _bad_status_line), server.add("/chunks", _truncated_chunks)]
+    bad = [server.add("/status", bad_status_line), server.add("/chunks", truncated_chunks)]
     good = server.add("/good", EXE)
     staged = fetch.prepare(root, spec(urls=bad + [good], sha=sha256(EXE)), Policy())
     assert staged.source == good and server.hits == ["/status", "/chunks", "/good"]

@@ -16,8 +16,9 @@ from elkeid_agent.osfx.process import ProcessEffects
 from elkeid_agent.plugins.policy import RestartPolicy
 from elkeid_agent.plugins.runner import FATAL
 from elkeid_agent.runtime import lifecycle
-from plugins_fixtures.harness import (FileServer, Rig, alive, config, install, script_bytes,
-                                      sha256, wait_until)
+from plugins_fixtures.harness import (FileServer, Rig, alive, bad_status_line, config,
+                                      install, script_bytes, sha256, truncated_chunks,
+                                      wait_until)
 
 
 def run(coro):
@@ -30,18 +31,6 @@ def server():
     yield s
     s.close()
 
-
-def bad_status_line(handler):
-    handler.wfile.write(b"garbage that is no status line\r\n\r\n")
-    handler.close_connection = True
-
-
-def truncated_chunks(handler):
-    handler.send_response(200)
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler.end_headers()
-    handler.wfile.write(b"zz-not-a-chunk-size\r\n")
-    handler.close_connection = True
 
 
 def pid_gone(pid):

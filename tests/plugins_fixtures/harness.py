@@ -151,3 +151,18 @@ def group_alive(pgid):
         if int(rest[2]) == pgid and rest[0] != b"Z":
             out.append(int(entry))
     return out
+
+
+# Download URLs that answer what no HTTP client should accept (FileServer.add).
+
+def bad_status_line(handler):
+    handler.wfile.write(b"garbage that is no status line\r\n\r\n")
+    handler.close_connection = True
+
+
+def truncated_chunks(handler):
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"zz-not-a-chunk-size\r\n")
+    handler.close_connection = True
