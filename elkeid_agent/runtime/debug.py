@@ -150,10 +150,7 @@ class DebugEndpoint:
 
     @property
     def address(self):
-        if self._server is None:
-            return None
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s:%d" % (host, self._server.port)
+        return self._server.address if self._server is not None else None
 
     async def toggle(self):
         """Start if stopped, stop if running. Returns the address when now

@@ -140,9 +140,14 @@ class LoopbackHTTPServer:
     def running(self):
         return self._server is not None
 
-    def url(self, path="/"):
+    @property
+    def address(self):
+        """HOST:PORT as a URL or a log line writes it (IPv6 in brackets)."""
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "http://%s:%d%s" % (host, self.port, path)
+        return "%s:%d" % (host, self.port)
+
+    def url(self, path="/"):
+        return "http://%s%s" % (self.address, path)
 
     async def stop(self):
         server, self._server = self._server, None

@@ -73,8 +73,7 @@ class StatusEndpoint:
 
     @property
     def address(self):
-        host = self.server.host
-        return "%s:%d" % ("[%s]" % host if ":" in host else host, self.server.port)
+        return self.server.address
 
     # ------------------------------------------------------------ pages
 

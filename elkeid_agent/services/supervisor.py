@@ -331,12 +331,19 @@ class ServiceSupervisor:
         log.debug("heartbeat refused: %s", error)
         return False, error
 
-    async def restart(self, service_id):
+    def _enabled_runner(self, service_id):
+        """(runner, None), or (None, why a request for it is refused)."""
         runner = self._runners.get(service_id)
         if runner is None:
-            return False, "unknown service %r" % service_id
+            return None, "unknown service %r" % service_id
         if not runner.spec.enabled:
-            return False, "service %s is disabled in the services file" % service_id
+            return None, "service %s is disabled in the services file" % service_id
+        return runner, None
+
+    async def restart(self, service_id):
+        runner, refused = self._enabled_runner(service_id)
+        if refused:
+            return False, refused
         before = runner.runs
         runner.request_restart()
         ok = await runner.until(lambda: runner.state == "running" and runner.runs > before
@@ -355,11 +362,9 @@ class ServiceSupervisor:
         return ok, "service %s is %s" % (service_id, runner.state)
 
     async def start(self, service_id):
-        runner = self._runners.get(service_id)
-        if runner is None:
-            return False, "unknown service %r" % service_id
-        if not runner.spec.enabled:
-            return False, "service %s is disabled in the services file" % service_id
+        runner, refused = self._enabled_runner(service_id)
+        if refused:
+            return False, refused
         runner.request_start()
         ok = await runner.until(lambda: runner.state in ("running", "failed", "exited",
                                                          "backoff"),
