@@ -67,9 +67,11 @@ def test_agent_restart_readopts_and_removal_stops(tmp_path, devcenter):
             for sid, pid in pids.items():
                 # The log file is shared by the agents of this workdir.
                 needle = "service %s running: adopted pid %d" % (sid, pid)
-                wait_until(lambda: agent.log_text().count(needle) >= rounds, 60,
+                # File log only: stderr repeats the operator lines.
+                wait_until(lambda: agent.log_text(stderr=False).count(needle) >= rounds, 60,
                            what="this agent's " + needle)
-            assert recorded(wd) == pids
+            # The state file is rewritten a moment after the adoptions are logged.
+            wait_until(lambda: recorded(wd) == pids, 30, what="both adoptions recorded")
             assert all(alive(p) for p in pids.values())
 
         # Removing an entry and SIGHUP stops that service, and only it.
