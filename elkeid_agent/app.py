@@ -52,6 +52,7 @@ from .transport.stream import Transport
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_REEXEC = -1  # cli.py re-executes the (updated) zipapp
 SHUTDOWN_FLUSH_SECONDS = 5.0
 
 
@@ -77,6 +78,7 @@ class Agent:
         # the control socket whenever they are set.
         self.services = None
         self.collectors = None
+        self.updater = None
         self.status = None
         self.control = None
         self.reports = Reports(self.queue.put_own)
@@ -196,13 +198,43 @@ class Agent:
         self._install_signals(loop)
         await self._start_services()
         self.heartbeat = Heartbeat(self)
+        self._start_updates()
         self.owner.spawn("transport", self.transport.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
         await self._start_local_reporting()
         sdnotify.ready("connecting")
 
+    def _start_updates(self):
+        """The updater (offers from the server), recovery of an update a
+        killed agent left, and this version's side of a trial."""
+        from .update.journal import JournalError, journal_exists
+        from .update.trial import TrialReporter
+        from .update.updater import AgentUpdater
+        self.updater = AgentUpdater(self.settings, self.state, self.metrics, self.owner,
+                                    self.executors, self.queue.put_own, self._update_policy)
+        self.updater.on_reexec = lambda why: self.request_shutdown(why)
+        if not journal_exists(self.settings.workdir):
+            return
+        self.updater.recover()
+        try:
+            journal = self.updater.journal
+        except JournalError as e:
+            self.state.set_abnormal("update", str(e))
+            return
+        reporter = TrialReporter(journal, self.transport, self.queue, self._beat, self.state,
+                                 self.queue.put_own)
+        self.owner.run_once("update trial", reporter.run())
+
+    def _update_policy(self):
+        """The services file's ``update:`` section; None while that file is
+        invalid (its key is unknown then)."""
+        from .services.config import UpdatePolicy
+        if self.services is None:
+            return UpdatePolicy()
+        return self.services.config.update if self.services.config is not None else None
+
     def _dispatcher(self):
-        configs = ConfigsHandler(self.state, self.plugins, self.owner)
+        configs = ConfigsHandler(self.state, self.plugins, self.owner, lambda: self.updater)
         return Dispatcher(self.metrics, self.report_failure, configs,
                           lambda task: self.tasks.handle(task), self._on_plugin_task)
 
@@ -427,6 +459,8 @@ async def _main(settings):
         return EXIT_FAILURE
     await agent.wait()
     await agent.shutdown()
+    if agent.updater is not None and agent.updater.reexec_requested:
+        return EXIT_REEXEC
     return EXIT_OK
 
 

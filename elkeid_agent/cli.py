@@ -13,6 +13,7 @@ from . import PRODUCT, __version__
 from .errors import AgentError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_REEXEC = -1  # run_agent's answer when a one-file update wants the new file run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +88,11 @@ def main(argv=None):
         return ctl_main(argv)
     if argv[:1] == ["ctl"]:
         return ctl_main(argv[1:])
+    if argv[:1] == ["update-guard"]:
+        # Started by the agent from its backup copy (update/guard.py); not
+        # for people, so not in the help.
+        from .update.guard import main as guard_main
+        return guard_main(argv[1:])
     args = _run_parser().parse_args(argv)
     if args.command != "run":
         _run_parser().print_help(sys.stderr)
@@ -109,7 +115,24 @@ def main(argv=None):
     except AgentError as e:
         print("elkeid-agent: %s" % e, file=sys.stderr)
         return EXIT_USAGE
-    return run_agent(s)
+    code = run_agent(s)
+    if code == EXIT_REEXEC:
+        return _reexec()
+    return code
+
+
+def _reexec():
+    """Become the new version after a one-file update (same pid, so the
+    guard watching it, and whoever started us, keep their handle)."""
+    archive = os.path.abspath(sys.argv[0])
+    argv = [sys.executable, "-sE", archive] + sys.argv[1:]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as e:
+        print("elkeid-agent: re-executing %s failed: %s" % (archive, e), file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def ctl_main(argv=None):

@@ -109,6 +109,10 @@ class Settings:
     # where a missing file simply means no services. A file named by
     # --services / ELKEID_SERVICES must exist (D1001 otherwise).
     services_file: str = ""
+    # Public key (PEM) self-updates must be signed with; "" = the services
+    # file's update.public_key_file, and with neither only the sha256 is
+    # checked (elkeid_agent/update/verify.py).
+    update_public_key: str = ""
     # Plugin supervision knobs set by the user (plugins.policy.Policy field
     # -> value); unset ones keep the Policy defaults.
     plugin_policy: Dict[str, object] = field(default_factory=dict)
@@ -268,6 +272,8 @@ _SCALARS = {
     "status_addr": (("ELKEID_STATUS_ADDR",), lambda v: loopback_addr(v, "status address")),
     "services_file": (("ELKEID_SERVICES",), _text("services file path", r"^[^\x00]*$",
                                                    maximum=4096)),
+    "update_public_key": (("ELKEID_UPDATE_PUBKEY",), _text("update public key path",
+                                                           r"^[^\x00]*$", maximum=4096)),
 }
 
 

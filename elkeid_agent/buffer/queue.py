@@ -86,6 +86,10 @@ class RecordQueue:
     def plugin_bytes(self):
         return self._pbytes[NORMAL] + self._pbytes[HIGH]
 
+    def own_pending(self):
+        """How many of the agent's own records (heartbeats ...) wait."""
+        return len(self._queues[AGENT])
+
     # ------------------------------------------------------------ producers
 
     def put(self, body, priority=NORMAL):

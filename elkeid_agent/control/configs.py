@@ -7,8 +7,7 @@ server-driven reasons): a local fault such as an unwritable log directory
 stays reported until it clears. The plugin entries go to the plugin
 supervisor's declarative sync (which clears the previous sync's load
 failures itself), and an agent entry with another version is a self-update
-request, which this build refuses (reported as abnormal until a list
-without it arrives).
+offer for the updater (update/updater.py), which applies or refuses it.
 """
 
 import logging
@@ -19,21 +18,24 @@ log = logging.getLogger(__name__)
 
 
 class ConfigsHandler:
-    def __init__(self, state, plugins, owner):
+    def __init__(self, state, plugins, owner, updater=lambda: None):
         """``plugins``: the PluginSupervisor, or None when plugin support is
-        unavailable; ``owner``: the runtime.tasks.TaskOwner that runs syncs."""
+        unavailable; ``owner``: the runtime.tasks.TaskOwner that runs syncs;
+        ``updater()``: the AgentUpdater (None until the agent has one)."""
         self.state = state
         self.plugins = plugins
         self.owner = owner
+        self.updater = updater
 
     def __call__(self, decision):
         self.state.reset_server_driven()
         if decision.agent is not None and decision.agent.version != __version__:
-            self.state.set_abnormal(
-                "update", "agent update to %s requested: self-update is not supported by "
-                          "this build" % decision.agent.version)
-            log.error("agent update %s -> %s refused: self-update not supported yet",
-                      __version__, decision.agent.version)
+            updater = self.updater()
+            if updater is None:
+                self.state.set_abnormal("update", "update to %s: the updater is not running"
+                                        % decision.agent.version)
+            else:
+                updater.offer(decision.agent)
         if self.plugins is None:
             if decision.plugins:
                 names = ", ".join(sorted(c.name for c in decision.plugins))

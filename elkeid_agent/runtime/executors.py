@@ -30,6 +30,7 @@ KINDS = {
     "files": (1, 64),         # fsync of specified_env, log rotation (gzip)
     "collect": (4, 32),       # statvfs for host metrics: each hung network mount holds a thread
     "probe": (4, 64),         # local services' HTTP health probes
+    "update": (1, 8),         # update downloads, hashing, signatures, backups, dpkg-deb
 }
 
 

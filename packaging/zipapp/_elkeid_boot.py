@@ -26,7 +26,7 @@ idea; the rules below are what a host agent needs:
 * Each running process holds a shared flock on its directory's ``.complete``
   marker; at start the bootstrap removes every other version directory that
   nobody holds.
-* ``elkeidctl`` and ``--version``/``--help`` need no compiled code: they are
+* ``elkeidctl``, the update guard and ``--version``/``--help`` need no compiled code: they are
   imported straight from the archive, so they never touch the cache.
 
 Set ELKEID_AGENT_BOOT_TRACE=1 to get one line on stderr saying which cache
@@ -82,7 +82,7 @@ def wants_archive_only(argv0, args):
     """True for commands that need no compiled module (elkeidctl, --version)."""
     if os.path.basename(argv0 or "").startswith("elkeidctl"):
         return True
-    return bool(args) and args[0] in ("ctl", "--version", "-h", "--help")
+    return bool(args) and args[0] in ("ctl", "update-guard", "--version", "-h", "--help")
 
 
 # ---------------------------------------------------------------- cache roots
