@@ -20,6 +20,10 @@ Layout of the file:
 The build id is a SHA-256 over every path, mode and content under
 site-packages; the bootstrap names its cache directory after it. Output is
 reproducible: fixed timestamps, sorted entries.
+
+``--version V`` stamps V into the archive's copy of elkeid_agent (test
+builds of an update, say): metadata, preamble and ``--version`` all say V;
+the checkout is never written.
 """
 
 import argparse
@@ -61,6 +65,10 @@ PYCPARSER = ("pycparser", "2.23")
 # insists on all five ABIs of each, and on no other.
 PER_ABI_MODULES = ("_cffi_backend", "grpc/_cython/cygrpc")
 ABI_TAGGED = re.compile(r"\.(cpython-3\d+-[^/]+)\.so$")
+# What --version accepts: a file-name-safe version (the bootstrap names its
+# cache directory after it; see _VERSION_DIR there).
+VERSION_SYNTAX = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
+_VERSION_LINE = re.compile(r'^__version__\s*=\s*"([^"]+)"', re.M)
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
@@ -92,10 +100,28 @@ def version(package=os.path.join(ROOT, "elkeid_agent")):
     """__version__ of the elkeid_agent package at ``package`` (the one place
     the version is kept)."""
     with open(os.path.join(package, "__init__.py")) as f:
-        m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+        m = _VERSION_LINE.search(f.read())
     if not m:
         raise BuildError("no __version__ in elkeid_agent/__init__.py")
     return m.group(1)
+
+
+def check_version(v):
+    if not VERSION_SYNTAX.fullmatch(v):
+        raise BuildError("bad version %r: 1 to 64 letters, digits and . + ~ _ -, "
+                         "starting with a letter or digit" % v)
+
+
+def stamp_version(site, v):
+    """Make the staged elkeid_agent under ``site`` say it is version ``v``."""
+    check_version(v)
+    init = os.path.join(site, "elkeid_agent", "__init__.py")
+    with open(init) as f:
+        text, n = _VERSION_LINE.subn('__version__ = "%s"' % v, f.read(), count=1)
+    if n != 1:
+        raise BuildError("no __version__ in %s" % init)
+    with open(init, "w") as f:
+        f.write(text)
 
 
 # ---------------------------------------------------------------- wheels
@@ -266,18 +292,28 @@ def metadata(arch, site, abis):
             "arch": arch, "abi": abis, "python": ">=3.9,<3.14", "build_id": build_id(site)}
 
 
-def build(arch, out, wheels_dir, site_override=None):
+def build(arch, out, wheels_dir, site_override=None, version=None):
     """Build the zipapp; returns its metadata. ``site_override`` (tests)
-    is a ready site-packages directory used instead of staging one."""
+    is a ready site-packages directory used instead of staging one.
+    ``version`` replaces elkeid_agent's __version__ in the archive; a
+    site_override is copied first, so one staged tree serves several
+    versions and stays as it is."""
     arch = ARCHES[arch]
+    if version is not None:
+        check_version(version)  # before any download
     with tempfile.TemporaryDirectory(prefix="elkeid-zipapp-") as tmp:
-        site = site_override
-        if site is None:
-            site = os.path.join(tmp, "site-packages")
+        site = os.path.join(tmp, "site-packages")
+        if site_override is None:
             os.makedirs(site)
             abis = stage(arch, wheels_for(arch, wheels_dir), site)
         else:
+            if version is None:
+                site = site_override
+            else:
+                shutil.copytree(site_override, site)
             abis = compiled_abis(site)
+        if version is not None:
+            stamp_version(site, version)
         meta = metadata(arch, site, abis)
         write_archive(out, site, meta)
     return meta
@@ -291,15 +327,22 @@ def main(argv=None):
                    help="wheel cache directory (default build/wheels/ARCH)")
     p.add_argument("--stage-only", metavar="DIR",
                    help="only fill DIR with the site-packages tree (tests reuse it)")
+    p.add_argument("--version", metavar="V",
+                   help="the version the archive says it is (test builds; default: "
+                        "elkeid_agent/__init__.py's, which is left as it is)")
     args = p.parse_args(argv)
     arch = ARCHES[args.arch]
     wheels = args.wheels or os.path.join(ROOT, "build", "wheels", arch)
     try:
         if args.stage_only:
+            if args.version is not None:
+                check_version(args.version)
             os.makedirs(args.stage_only, exist_ok=True)
             stage(arch, wheels_for(arch, wheels), args.stage_only)
+            if args.version is not None:
+                stamp_version(args.stage_only, args.version)
             return 0
-        meta = build(arch, args.out, wheels)
+        meta = build(arch, args.out, wheels, version=args.version)
     except BuildError as e:
         sys.stderr.write("build_zipapp: error: %s\n" % e)
         return 1

@@ -1,8 +1,8 @@
 """The one-file zipapp: every CPython 3.9-3.13, unsupported Pythons, the
 cache rules (no HOME, read-only home, unprivileged user, hostile /tmp,
 noexec), concurrent first starts, upgrades, the bundled cryptography
-verifying signatures on each Python, and a real connection to the
-development AgentCenter from each Python.
+verifying signatures on each Python, version stamping, and a real
+connection to the development AgentCenter from each Python.
 
 The archive is built once per session from this checkout (wheels cached in
 build/wheels/ARCH; the first run downloads them from the package registry).
@@ -82,20 +82,15 @@ def devcenter(tmp_path_factory):
 
 
 def variant(tmp_path, site_dir, name, version=None, touch=None):
-    """A zipapp built from a modified copy of the staged tree."""
-    site = str(tmp_path / ("site-" + name))
-    shutil.copytree(site_dir, site)
-    init = os.path.join(site, "elkeid_agent", "__init__.py")
-    if version:
-        with open(init) as f:
-            text = f.read().replace('__version__ = "%s"' % VERSION, '__version__ = "%s"' % version)
-        with open(init, "w") as f:
-            f.write(text)
+    """A zipapp of another version and/or content than the staged tree's."""
+    site = site_dir
     if touch:
+        site = str(tmp_path / ("site-" + name))
+        shutil.copytree(site_dir, site)
         with open(os.path.join(site, "elkeid_agent", "errors.py"), "a") as f:
             f.write("\n# %s\n" % touch)
     out = str(tmp_path / (name + ".pyz"))
-    build_zipapp.build(ARCH, out, None, site_override=site)
+    build_zipapp.build(ARCH, out, None, site_override=site, version=version)
     return out
 
 
@@ -177,6 +172,53 @@ def test_stage_insists_on_every_abi_of_each_per_abi_module(tmp_path):
         build_zipapp.stage(ARCH, without, str(site))
     assert "compiled _cffi_backend for " in str(e.value)
     assert "cpython-312-%s-linux-gnu" % ARCH in str(e.value)  # in the expected list only
+
+
+# ---------------------------------------------------------------- version stamp
+
+def test_version_stamp_reaches_metadata_preamble_and_agent(site_dir, tmp_path):
+    before = build_zipapp.build_id(site_dir)
+    out = str(tmp_path / "stamped.pyz")
+    meta = build_zipapp.build(ARCH, out, None, site_override=site_dir, version="9.9.9-test")
+    with zipfile.ZipFile(out) as zf:
+        assert json.loads(zf.read("elkeid_zipapp.json")) == meta
+        init = zf.read("site-packages/elkeid_agent/__init__.py").decode()
+    assert meta["version"] == "9.9.9-test" and meta["build_id"] != before
+    assert '__version__ = "9.9.9-test"\n' in init
+    with open(out, "rb") as f:
+        assert ("# elkeid-agent 9.9.9-test (%s)" % ARCH).encode() in f.read(200)
+    rc, o, err = run([out, "--version"], env_for(tmp_path / "c"))
+    assert (rc, o.strip()) == (0, "elkeid-agent 9.9.9-test"), err
+    rc, o, err = run([SYSTEM_PY, out, "ctl", "--version"], env_for(tmp_path / "c"))
+    assert (rc, o.strip()) == (0, "elkeidctl (elkeid-agent 9.9.9-test)"), err
+    # The shared staged tree is what it was: stamping worked on a copy.
+    assert build_zipapp.version(os.path.join(site_dir, "elkeid_agent")) == VERSION
+    assert build_zipapp.build_id(site_dir) == before
+
+
+def test_cache_of_a_stamped_version_is_removed_once_unused(pyz, tmp_path, site_dir):
+    """Versions with - ~ + _ or a leading letter name cache directories too."""
+    cache = tmp_path / "c"
+    stamped = variant(tmp_path, site_dir, "rc", version="v9.9.9-rc1~test_x+y")
+    assert_imported_all(*run([SYSTEM_PY, stamped] + IMPORT_ALL, env_for(cache)))
+    [old] = os.listdir(str(cache))
+    assert old.startswith("v9.9.9-rc1~test_x+y-")
+    assert_imported_all(*run([SYSTEM_PY, pyz] + IMPORT_ALL, env_for(cache)))
+    [current] = os.listdir(str(cache))
+    assert current.startswith(VERSION + "-")
+
+
+@pytest.mark.parametrize("bad", ["", "-1.0", ".1", "1.0 beta", "1.0\n", 'x"y', "a/b", "1" * 65])
+def test_bad_version_is_refused_in_one_line(tmp_path, bad):
+    out, wheels = tmp_path / "x.pyz", tmp_path / "wheels"
+    rc, o, err = run([sys.executable, os.path.join(ROOT, "packaging", "build_zipapp.py"),
+                      "--arch", ARCH, "--out", str(out), "--wheels", str(wheels),
+                      "--version=" + bad], env_for())
+    assert rc == 1 and o == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("build_zipapp: error: bad version %r" % bad)
+    assert not out.exists() and not wheels.exists()  # refused before any download
 
 
 # ---------------------------------------------------------------- interpreters

@@ -49,7 +49,8 @@ import zipfile
 META = "elkeid_zipapp.json"
 SITE = "site-packages/"
 MARKER = ".complete"
-_VERSION_DIR = re.compile(r"^[0-9][0-9A-Za-z.+_]*-[0-9a-f]{16}-cp3[0-9]+$")
+# VERSION-BUILDID-cpXY; a version is what build_zipapp.py --version accepts.
+_VERSION_DIR = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}-[0-9a-f]{16}-cp3[0-9]+$")
 _TMP_PREFIX = ".elkeid-tmp-"
 _TRASH_PREFIX = ".elkeid-trash-"
 _EXT_TAG = re.compile(r"\.cpython-[0-9]+[a-z]*-[^/]*\.so$")
