@@ -4,9 +4,9 @@ Why not shiv's bootstrap: it needs Python 3.6 syntax before it can say a
 Python is too old, it caches under ~/.shiv (no HOME under systemd, a
 read-only home for root, another user's home for nobody), and it has one
 site-packages, while this archive carries grpcio's and cffi's compiled
-modules for five CPython ABIs. The layout is shiv's (``site-packages/`` in the archive,
-extracted once into a cache directory named by a content hash) and so is the
-idea; the rules below are what a host agent needs:
+modules for five CPython ABIs. The layout is shiv's (``site-packages/`` in
+the archive, extracted once into a cache directory named by a content hash)
+and so is the idea; the rules below are what a host agent needs:
 
 * The cache directory is named by the archive's build id, a SHA-256 of
   everything under ``site-packages/`` computed at build time, plus the
