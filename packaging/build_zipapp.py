@@ -13,11 +13,17 @@ Layout of the file:
 - ``site-packages/``: elkeid_agent (without the development AgentCenter),
   grpcio's Python code once plus its compiled ``cygrpc`` for each of
   cp39..cp313 side by side (each file name carries its ABI, so they never
-  clash), protobuf (one abi3 build) and typing_extensions.
+  clash), cffi likewise (its ``_cffi_backend``), protobuf and cryptography
+  (one abi3 build each: one compiled module serves every ABI), pycparser,
+  typing_extensions and PyYAML's pure-Python package.
 
 The build id is a SHA-256 over every path, mode and content under
 site-packages; the bootstrap names its cache directory after it. Output is
 reproducible: fixed timestamps, sorted entries.
+
+``--version V`` stamps V into the archive's copy of elkeid_agent (test
+builds of an update, say): metadata, preamble and ``--version`` all say V;
+the checkout is never written.
 """
 
 import argparse
@@ -45,6 +51,24 @@ TYPING_EXTENSIONS = ("typing_extensions", "4.16.0")
 # C extension is absent), taken from the cp39 wheel of the architecture.
 PYYAML = ("pyyaml", "6.0.3")
 PURE_ONLY = ("pyyaml",)
+# Update signatures (elkeid_agent/update/) are checked with cryptography: its
+# cp39-abi3 wheel serves every CPython 3.9-3.13 (its authors exclude 3.9.0
+# and 3.9.1 for a CPython bug that breaks it, hence the 3.9.2 given to pip;
+# docs/operations.md). On CPython it needs cffi's compiled backend, one per
+# ABI like grpcio's (2.0.0 is the newest cffi with a cp39 wheel), cffi needs
+# pycparser (2.23 is the newest for 3.9), and on 3.9/3.10 typing_extensions
+# >= 4.13.2 (bundled above).
+CRYPTOGRAPHY = ("cryptography", "50.0.2")
+CFFI = ("cffi", "2.0.0")
+PYCPARSER = ("pycparser", "2.23")
+# The only modules compiled once per ABI (name without the ABI tag): stage()
+# insists on all five ABIs of each, and on no other.
+PER_ABI_MODULES = ("_cffi_backend", "grpc/_cython/cygrpc")
+ABI_TAGGED = re.compile(r"\.(cpython-3\d+-[^/]+)\.so$")
+# What --version accepts: a file-name-safe version (the bootstrap names its
+# cache directory after it; see _VERSION_DIR there).
+VERSION_SYNTAX = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
+_VERSION_LINE = re.compile(r'^__version__\s*=\s*"([^"]+)"', re.M)
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
@@ -76,10 +100,28 @@ def version(package=os.path.join(ROOT, "elkeid_agent")):
     """__version__ of the elkeid_agent package at ``package`` (the one place
     the version is kept)."""
     with open(os.path.join(package, "__init__.py")) as f:
-        m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+        m = _VERSION_LINE.search(f.read())
     if not m:
         raise BuildError("no __version__ in elkeid_agent/__init__.py")
     return m.group(1)
+
+
+def check_version(v):
+    if not VERSION_SYNTAX.fullmatch(v):
+        raise BuildError("bad version %r: 1 to 64 letters, digits and . + ~ _ -, "
+                         "starting with a letter or digit" % v)
+
+
+def stamp_version(site, v):
+    """Make the staged elkeid_agent under ``site`` say it is version ``v``."""
+    check_version(v)
+    init = os.path.join(site, "elkeid_agent", "__init__.py")
+    with open(init) as f:
+        text, n = _VERSION_LINE.subn('__version__ = "%s"' % v, f.read(), count=1)
+    if n != 1:
+        raise BuildError("no __version__ in %s" % init)
+    with open(init, "w") as f:
+        f.write(text)
 
 
 # ---------------------------------------------------------------- wheels
@@ -123,34 +165,42 @@ def wheels_for(arch, wheels):
     out = []
     for py in PYTHONS:
         abi = "cp" + py.replace(".", "")
-        out.append(fetch(wheels, GRPCIO[0], GRPCIO[1], py, abi, arch, "-%s-%s-" % (abi, abi)))
+        for project, ver in (GRPCIO, CFFI):
+            out.append(fetch(wheels, project, ver, py, abi, arch, "-%s-%s-" % (abi, abi)))
     out.append(fetch(wheels, PROTOBUF[0], PROTOBUF[1], "3.9", "abi3", arch, "-abi3-"))
-    out.append(fetch(wheels, TYPING_EXTENSIONS[0], TYPING_EXTENSIONS[1], "3.9", "none", arch,
-                     "-py3-none-any"))
+    out.append(fetch(wheels, CRYPTOGRAPHY[0], CRYPTOGRAPHY[1], "3.9.2", "abi3", arch,
+                     "-cp39-abi3-"))
+    for project, ver in (TYPING_EXTENSIONS, PYCPARSER):
+        out.append(fetch(wheels, project, ver, "3.9", "none", arch, "-py3-none-any"))
     out.append(fetch(wheels, PYYAML[0], PYYAML[1], "3.9", "cp39", arch, "-cp39-cp39-"))
     return out
 
 
 # ---------------------------------------------------------------- staging
 
+def _keep_dist_info(name):
+    """Of a wheel's .dist-info, what says what it is and its licence terms."""
+    return name.endswith(("/METADATA", "/top_level.txt", "/LICENSE")) or \
+        ".dist-info/licenses/" in name
+
+
 def stage(arch, wheels, site):
     """Fill ``site`` (a fresh directory) with everything the agent runs on."""
-    abis = []
+    per_abi = {}  # compiled module, without its ABI tag -> the ABIs it came for
     seen = {}
     for whl in wheels:
         pure = os.path.basename(whl).lower().startswith(PURE_ONLY)
         with zipfile.ZipFile(whl) as zf:
             for info in sorted(zf.infolist(), key=lambda i: i.filename):
                 name = info.filename
-                if name.endswith("/") or ".dist-info/" in name and \
-                        not name.endswith(("/METADATA", "/top_level.txt", "/LICENSE")):
+                if name.endswith("/") or ".dist-info/" in name and not _keep_dist_info(name):
                     continue
                 if pure and (name.endswith(".so") or name.startswith("_yaml/")):
                     continue
                 data = zf.read(info)
-                m = re.search(r"\.(cpython-3\d+-[^/]+)\.so$", name)
-                if m and m.group(1) not in abis:
-                    abis.append(m.group(1))
+                m = ABI_TAGGED.search(name)
+                if m:
+                    per_abi.setdefault(name[:m.start()], set()).add(m.group(1))
                 if name in seen and seen[name] != data and ".dist-info/" not in name:
                     raise BuildError("%s differs between wheels (%s)" % (name, whl))
                 seen[name] = data
@@ -172,10 +222,19 @@ def stage(arch, wheels, site):
             shutil.copyfile(os.path.join(base, name), dest)
             os.chmod(dest, 0o644)
     want = {"cpython-%s-%s-linux-gnu" % (p.replace(".", ""), arch) for p in PYTHONS}
-    if set(abis) != want:
-        raise BuildError("compiled grpc modules for %s, expected %s"
-                         % (sorted(abis), sorted(want)))
-    return sorted(abis)
+    if sorted(per_abi) != sorted(PER_ABI_MODULES):
+        raise BuildError("per-ABI compiled modules %s, expected %s"
+                         % (sorted(per_abi), sorted(PER_ABI_MODULES)))
+    for module, abis in sorted(per_abi.items()):
+        if abis != want:
+            raise BuildError("compiled %s for %s, expected %s"
+                             % (module, sorted(abis), sorted(want)))
+    return sorted(want)
+
+
+def compiled_abis(site):
+    """The CPython ABIs a staged tree has compiled modules for."""
+    return sorted({m.group(1) for rel, _f in _files(site) for m in [ABI_TAGGED.search(rel)] if m})
 
 
 def build_id(site):
@@ -228,21 +287,34 @@ def write_archive(out, site, meta):
     os.replace(tmp, out)
 
 
-def build(arch, out, wheels_dir, site_override=None):
+def metadata(arch, site, abis):
+    return {"name": "elkeid-agent", "version": version(os.path.join(site, "elkeid_agent")),
+            "arch": arch, "abi": abis, "python": ">=3.9,<3.14", "build_id": build_id(site)}
+
+
+def build(arch, out, wheels_dir, site_override=None, version=None):
     """Build the zipapp; returns its metadata. ``site_override`` (tests)
-    is a ready site-packages directory used instead of staging one."""
+    is a ready site-packages directory used instead of staging one.
+    ``version`` replaces elkeid_agent's __version__ in the archive; a
+    site_override is copied first, so one staged tree serves several
+    versions and stays as it is."""
     arch = ARCHES[arch]
+    if version is not None:
+        check_version(version)  # before any download
     with tempfile.TemporaryDirectory(prefix="elkeid-zipapp-") as tmp:
-        site = site_override
-        if site is None:
-            site = os.path.join(tmp, "site-packages")
+        site = os.path.join(tmp, "site-packages")
+        if site_override is None:
             os.makedirs(site)
             abis = stage(arch, wheels_for(arch, wheels_dir), site)
         else:
-            abis = sorted({m.group(1) for rel, _f in _files(site)
-                           for m in [re.search(r"\.(cpython-3\d+-[^/]+)\.so$", rel)] if m})
-        meta = {"name": "elkeid-agent", "version": version(os.path.join(site, "elkeid_agent")), "arch": arch, "abi": abis,
-                "python": ">=3.9,<3.14", "build_id": build_id(site)}
+            if version is None:
+                site = site_override
+            else:
+                shutil.copytree(site_override, site)
+            abis = compiled_abis(site)
+        if version is not None:
+            stamp_version(site, version)
+        meta = metadata(arch, site, abis)
         write_archive(out, site, meta)
     return meta
 
@@ -255,15 +327,22 @@ def main(argv=None):
                    help="wheel cache directory (default build/wheels/ARCH)")
     p.add_argument("--stage-only", metavar="DIR",
                    help="only fill DIR with the site-packages tree (tests reuse it)")
+    p.add_argument("--version", metavar="V",
+                   help="the version the archive says it is (test builds; default: "
+                        "elkeid_agent/__init__.py's, which is left as it is)")
     args = p.parse_args(argv)
     arch = ARCHES[args.arch]
     wheels = args.wheels or os.path.join(ROOT, "build", "wheels", arch)
     try:
         if args.stage_only:
+            if args.version is not None:
+                check_version(args.version)
             os.makedirs(args.stage_only, exist_ok=True)
             stage(arch, wheels_for(arch, wheels), args.stage_only)
+            if args.version is not None:
+                stamp_version(args.stage_only, args.version)
             return 0
-        meta = build(arch, args.out, wheels)
+        meta = build(arch, args.out, wheels, version=args.version)
     except BuildError as e:
         sys.stderr.write("build_zipapp: error: %s\n" % e)
         return 1

@@ -1,7 +1,8 @@
 """The one-file zipapp: every CPython 3.9-3.13, unsupported Pythons, the
 cache rules (no HOME, read-only home, unprivileged user, hostile /tmp,
-noexec), concurrent first starts, upgrades, and a real connection to the
-development AgentCenter from each Python.
+noexec), concurrent first starts, upgrades, the bundled cryptography
+verifying signatures on each Python, version stamping, and a real
+connection to the development AgentCenter from each Python.
 
 The archive is built once per session from this checkout (wheels cached in
 build/wheels/ARCH; the first run downloads them from the package registry).
@@ -23,7 +24,6 @@ import zipfile
 import pytest
 
 from harness import DevCenterProc, wait_until
-from update_builds import copy_site
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "packaging"))
@@ -71,13 +71,15 @@ def devcenter(tmp_path_factory):
 
 
 def variant(tmp_path, site_dir, name, version=None, touch=None):
-    """A zipapp built from a modified copy of the staged tree."""
-    site = copy_site(site_dir, str(tmp_path / ("site-" + name)), version=version)
+    """A zipapp of another version and/or content than the staged tree's."""
+    site = site_dir
     if touch:
+        site = str(tmp_path / ("site-" + name))
+        shutil.copytree(site_dir, site)
         with open(os.path.join(site, "elkeid_agent", "errors.py"), "a") as f:
             f.write("\n# %s\n" % touch)
     out = str(tmp_path / (name + ".pyz"))
-    build_zipapp.build(ARCH, out, None, site_override=site)
+    build_zipapp.build(ARCH, out, None, site_override=site, version=version)
     return out
 
 
@@ -117,10 +119,17 @@ def test_archive_layout_and_metadata(pyz):
     assert meta["abi"] == sorted("cpython-%s-%s-linux-gnu" % (v.replace(".", ""), ARCH)
                                  for v in SUPPORTED)
     for v in SUPPORTED:
-        assert "site-packages/grpc/_cython/cygrpc.cpython-%s-%s-linux-gnu.so" % (
-            v.replace(".", ""), ARCH) in names
+        tag = "cpython-%s-%s-linux-gnu" % (v.replace(".", ""), ARCH)
+        assert "site-packages/grpc/_cython/cygrpc.%s.so" % tag in names
+        assert "site-packages/_cffi_backend.%s.so" % tag in names
+    # What update signatures are checked with: one abi3 build for every ABI.
+    assert {"site-packages/cryptography/hazmat/bindings/_rust.abi3.so",
+            "site-packages/cryptography/hazmat/primitives/asymmetric/ed25519.py",
+            "site-packages/cryptography-%s.dist-info/licenses/LICENSE.APACHE"
+            % build_zipapp.CRYPTOGRAPHY[1],
+            "site-packages/cffi/__init__.py", "site-packages/pycparser/__init__.py"} <= names
     assert not [n for n in names if "elkeid_devtools" in n or "devcenter" in n
-                or "cryptography" in n or "sample_plugin" in n]
+                or "sample_plugin" in n]
     # PyYAML's pure-Python package only: one copy serves every CPython.
     assert "site-packages/yaml/__init__.py" in names
     assert not [n for n in names if n.startswith("site-packages/_yaml") or
@@ -141,6 +150,66 @@ def test_build_id_is_a_content_hash(tmp_path, site_dir):
     assert build_zipapp.build_id(copy) != a
 
 
+def test_stage_insists_on_every_abi_of_each_per_abi_module(tmp_path):
+    wheels = build_zipapp.wheels_for(ARCH, os.path.join(ROOT, "build", "wheels", ARCH))
+    without = [w for w in wheels if not os.path.basename(w).startswith("cffi-%s-cp312-"
+                                                                        % build_zipapp.CFFI[1])]
+    assert len(without) == len(wheels) - 1
+    site = tmp_path / "site"
+    site.mkdir()
+    with pytest.raises(build_zipapp.BuildError) as e:
+        build_zipapp.stage(ARCH, without, str(site))
+    assert "compiled _cffi_backend for " in str(e.value)
+    assert "cpython-312-%s-linux-gnu" % ARCH in str(e.value)  # in the expected list only
+
+
+# ---------------------------------------------------------------- version stamp
+
+def test_version_stamp_reaches_metadata_preamble_and_agent(site_dir, tmp_path):
+    before = build_zipapp.build_id(site_dir)
+    out = str(tmp_path / "stamped.pyz")
+    meta = build_zipapp.build(ARCH, out, None, site_override=site_dir, version="9.9.9-test")
+    with zipfile.ZipFile(out) as zf:
+        assert json.loads(zf.read("elkeid_zipapp.json")) == meta
+        init = zf.read("site-packages/elkeid_agent/__init__.py").decode()
+    assert meta["version"] == "9.9.9-test" and meta["build_id"] != before
+    assert '__version__ = "9.9.9-test"\n' in init
+    with open(out, "rb") as f:
+        assert ("# elkeid-agent 9.9.9-test (%s)" % ARCH).encode() in f.read(200)
+    rc, o, err = run([out, "--version"], env_for(tmp_path / "c"))
+    assert (rc, o.strip()) == (0, "elkeid-agent 9.9.9-test"), err
+    rc, o, err = run([SYSTEM_PY, out, "ctl", "--version"], env_for(tmp_path / "c"))
+    assert (rc, o.strip()) == (0, "elkeidctl (elkeid-agent 9.9.9-test)"), err
+    # The shared staged tree is what it was: stamping worked on a copy.
+    assert build_zipapp.version(os.path.join(site_dir, "elkeid_agent")) == VERSION
+    assert build_zipapp.build_id(site_dir) == before
+
+
+def test_cache_of_a_stamped_version_is_removed_once_unused(pyz, tmp_path, site_dir):
+    """Versions with - ~ + _ or a leading letter name cache directories too."""
+    cache = tmp_path / "c"
+    stamped = variant(tmp_path, site_dir, "rc", version="v9.9.9-rc1~test_x+y")
+    assert_imported_all(*run([SYSTEM_PY, stamped] + IMPORT_ALL, env_for(cache)))
+    [old] = os.listdir(str(cache))
+    assert old.startswith("v9.9.9-rc1~test_x+y-")
+    assert_imported_all(*run([SYSTEM_PY, pyz] + IMPORT_ALL, env_for(cache)))
+    [current] = os.listdir(str(cache))
+    assert current.startswith(VERSION + "-")
+
+
+@pytest.mark.parametrize("bad", ["", "-1.0", ".1", "1.0 beta", "1.0\n", 'x"y', "a/b", "1" * 65])
+def test_bad_version_is_refused_in_one_line(tmp_path, bad):
+    out, wheels = tmp_path / "x.pyz", tmp_path / "wheels"
+    rc, o, err = run([sys.executable, os.path.join(ROOT, "packaging", "build_zipapp.py"),
+                      "--arch", ARCH, "--out", str(out), "--wheels", str(wheels),
+                      "--version=" + bad], env_for())
+    assert rc == 1 and o == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("build_zipapp: error: bad version %r" % bad)
+    assert not out.exists() and not wheels.exists()  # refused before any download
+
+
 # ---------------------------------------------------------------- interpreters
 
 @pytest.mark.parametrize("version", SUPPORTED)
@@ -154,6 +223,95 @@ def test_runs_on_every_supported_cpython(pyz, tmp_path, version):
     so = glob.glob(str(tmp_path / "c" / d / "grpc" / "_cython" / "*.so"))
     assert [os.path.basename(s).split(".")[1] for s in so] == \
         ["cpython-%s-%s-linux-gnu" % (version.replace(".", ""), ARCH)]
+
+
+# Run by each CPython: the agent's own bootstrap puts the zipapp's extracted
+# site-packages first on sys.path, then the bundled cryptography verifies
+# every case. Prints the verdicts and where the modules came from.
+VERIFY_IN_ZIPAPP = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])  # what `python3 elkeid-agent.pyz` does
+import _elkeid_boot
+site = _elkeid_boot.prepare_site(["elkeid-agent", "run"])
+import _cffi_backend
+import cryptography
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+
+PADDING = {"rsa-pkcs1v15": padding.PKCS1v15(),
+           "rsa-pss": padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)}
+
+
+def verify(case):
+    key = serialization.load_pem_public_key(case["public_key"].encode())
+    args = [bytes.fromhex(case["signature"]), bytes.fromhex(case["message"])]
+    if case["scheme"] in PADDING:
+        args += [PADDING[case["scheme"]], hashes.SHA256()]
+    try:
+        key.verify(*args)
+    except InvalidSignature:
+        return False
+    return True
+
+
+with open(sys.argv[2]) as f:
+    cases = json.load(f)
+print(json.dumps({"site": site, "modules": [cryptography.__file__, _cffi_backend.__file__],
+                  "verdicts": [verify(c) for c in cases]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def signature_cases(tmp_path_factory):
+    """A file of signatures made here (the test venv's cryptography), and the
+    verdict each must get: genuine, one byte of the signature changed, or
+    a changed message."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+    signers = [("ed25519", ed_key, ed_key.sign),
+               ("rsa-pkcs1v15", rsa_key,
+                lambda m: rsa_key.sign(m, padding.PKCS1v15(), hashes.SHA256())),
+               ("rsa-pss", rsa_key, lambda m: rsa_key.sign(m, pss, hashes.SHA256()))]
+    message = os.urandom(200)
+    cases, expected = [], []
+    for scheme, key, sign in signers:
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        sig = sign(message)
+        mid = len(sig) // 2
+        tampered = sig[:mid] + bytes([sig[mid] ^ 0x01]) + sig[mid + 1:]
+        for msg, signature, valid in ((message, sig, True), (message, tampered, False),
+                                      (message + b"\n", sig, False)):
+            cases.append({"scheme": scheme, "public_key": pem.decode(), "message": msg.hex(),
+                          "signature": signature.hex()})
+            expected.append(valid)
+    path = tmp_path_factory.mktemp("signatures") / "cases.json"
+    path.write_text(json.dumps(cases))
+    return str(path), expected
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_bundled_cryptography_verifies_signatures_on_every_cpython(pyz, tmp_path, version,
+                                                                   signature_cases):
+    py = pyenv(version)
+    cases, expected = signature_cases
+    cache = tmp_path / "c"
+    rc, out, err = run([py, "-sE", "-c", VERIFY_IN_ZIPAPP, pyz, cases], env_for(cache))
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["verdicts"] == expected
+    # From the agent's extraction, not from that Python's own site-packages.
+    assert got["site"].startswith(str(cache) + os.sep)
+    assert all(m.startswith(got["site"] + os.sep) for m in got["modules"]), got
+    # cffi's backend for this ABI only; cryptography's abi3 module whatever the ABI.
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(got["site"], "_cffi_backend*"))] \
+        == ["_cffi_backend.cpython-%s-%s-linux-gnu.so" % (version.replace(".", ""), ARCH)]
+    assert os.path.isfile(os.path.join(got["site"], "cryptography", "hazmat", "bindings",
+                                       "_rust.abi3.so"))
 
 
 @pytest.mark.parametrize("version", ["3.8", "3.6", "2.7"])

@@ -3,16 +3,19 @@
 Why not shiv's bootstrap: it needs Python 3.6 syntax before it can say a
 Python is too old, it caches under ~/.shiv (no HOME under systemd, a
 read-only home for root, another user's home for nobody), and it has one
-site-packages, while this archive carries grpcio's compiled module for five
-CPython ABIs. The layout is shiv's (``site-packages/`` in the archive,
-extracted once into a cache directory named by a content hash) and so is the
-idea; the rules below are what a host agent needs:
+site-packages, while this archive carries grpcio's and cffi's compiled
+modules for five CPython ABIs. The layout is shiv's (``site-packages/`` in
+the archive, extracted once into a cache directory named by a content hash)
+and so is the idea; the rules below are what a host agent needs:
 
 * The cache directory is named by the archive's build id, a SHA-256 of
   everything under ``site-packages/`` computed at build time, plus the
   running interpreter's ABI. An upgrade that replaces the file gets a new
   directory whatever its path or mtime; stale code is never run.
-* Only the compiled modules for the running ABI are extracted.
+* Of the compiled modules tagged with an ABI (``*.cpython-3XY-*.so``:
+  grpcio's cygrpc, cffi's _cffi_backend) only the running ABI's are
+  extracted; abi3 ones (``*.abi3.so``: protobuf's, cryptography's _rust)
+  serve every ABI and are always extracted.
 * Extraction goes to a private temporary directory in the cache root,
   flushed to disk, then renamed into place: two instances starting at once
   both succeed, one of them wins the rename, nobody sees a half tree.
@@ -46,7 +49,8 @@ import zipfile
 META = "elkeid_zipapp.json"
 SITE = "site-packages/"
 MARKER = ".complete"
-_VERSION_DIR = re.compile(r"^[0-9][0-9A-Za-z.+_]*-[0-9a-f]{16}-cp3[0-9]+$")
+# VERSION-BUILDID-cpXY; a version is what build_zipapp.py --version accepts.
+_VERSION_DIR = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}-[0-9a-f]{16}-cp3[0-9]+$")
 _TMP_PREFIX = ".elkeid-tmp-"
 _TRASH_PREFIX = ".elkeid-trash-"
 _EXT_TAG = re.compile(r"\.cpython-[0-9]+[a-z]*-[^/]*\.so$")
@@ -375,7 +379,10 @@ def ensure_extracted(zf, meta, environ=None, euid=None, home_of=_home_of, trace=
 
 # ---------------------------------------------------------------- main
 
-def main():
+def prepare_site(argv):
+    """Put this archive's site-packages for the running Python first on
+    sys.path (extracting it if ``argv`` runs the agent) and return it;
+    one line on stderr and exit 1 if it cannot."""
     os.environ.pop("ELKEID_AGENT_REEXEC", None)
     started = time.monotonic()
     archive = os.path.dirname(os.path.abspath(__file__))
@@ -390,7 +397,7 @@ def main():
                      "(%s %s); supported: %s"
                      % (meta["version"], meta["arch"], sys.version.split()[0], suffix[1:-3],
                         ", ".join(a.split("-")[1] for a in meta["abi"])))
-            if wants_archive_only(sys.argv[0], sys.argv[1:]):
+            if wants_archive_only(argv[0], argv[1:]):
                 site = os.path.join(archive, SITE.rstrip("/"))
                 notes.append("archive-only")
             else:
@@ -403,5 +410,10 @@ def main():
     if tracing:
         sys.stderr.write("elkeid-agent boot: %s in %.1f ms\n"
                          % ("; ".join(notes), (time.monotonic() - started) * 1000))
+    return site
+
+
+def main():
+    prepare_site(sys.argv)
     from elkeid_agent.cli import main as cli_main
     sys.exit(cli_main())
