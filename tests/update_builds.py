@@ -52,7 +52,6 @@ SYSTEM_PY = "/usr/bin/python3"
 CRASH_STATUS = 70
 # Also a safe file name and a valid dpkg/rpm upstream version.
 _VERSION = re.compile(r"^[0-9][0-9A-Za-z.+~]*$")
-_VERSION_LINE = re.compile(r'^__version__\s*=\s*"[^"]*"', re.M)
 
 _IMPORT_FAULT = '''
 
@@ -96,7 +95,7 @@ def stage_site(site):
 @pytest.fixture(scope="session")
 def site_dir(tmp_path_factory):
     """The staged site-packages tree, once per session (read-only by
-    convention: build from a ``copy_site`` of it)."""
+    convention: builds change a copy of it)."""
     return stage_site(str(tmp_path_factory.mktemp("site") / "site-packages"))
 
 
@@ -124,24 +123,13 @@ def _fault_snippet(fault):
     raise ValueError("unknown fault %r: use import, noconnect or crash_after:SECONDS" % fault)
 
 
-def copy_site(site, dest, version=None, fault=None):
-    """A copy of the staged ``site`` at ``dest``, stamped ``version`` (when
-    given) and with ``fault`` (when given) appended; returns ``dest``."""
+def copy_site(site, dest, fault):
+    """A copy of the staged ``site`` at ``dest`` with ``fault`` appended;
+    returns ``dest``."""
     shutil.copytree(site, dest)
-    if version is not None:
-        if not _VERSION.match(version):
-            raise ValueError("version %r is not like 1.7.0.2" % version)
-        init = os.path.join(dest, "elkeid_agent", "__init__.py")
-        with open(init) as f:
-            text, found = _VERSION_LINE.subn('__version__ = "%s"' % version, f.read(), count=1)
-        if not found:
-            raise ValueError("no __version__ line in %s" % init)
-        with open(init, "w") as f:
-            f.write(text)
-    if fault is not None:
-        rel, snippet = _fault_snippet(fault)
-        with open(os.path.join(dest, rel), "a") as f:
-            f.write(snippet)
+    rel, snippet = _fault_snippet(fault)
+    with open(os.path.join(dest, rel), "a") as f:
+        f.write(snippet)
     return dest
 
 
@@ -179,9 +167,11 @@ class UpdateBuilds:
         if not os.path.exists(cached):
             os.makedirs(where, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=where) as tmp:
-                site = copy_site(self.site, os.path.join(tmp, "site-packages"), version, fault)
+                site = self.site if fault is None else \
+                    copy_site(self.site, os.path.join(tmp, "site-packages"), fault)
                 built = os.path.join(tmp, "elkeid-agent.pyz")
-                build_zipapp.build(ARCH, built, None, site_override=site)
+                # build() stamps the version into a copy of its own.
+                build_zipapp.build(ARCH, built, None, site_override=site, version=version)
                 os.replace(built, cached)
         return _copy_out(cached, out_dir, "elkeid-agent-%s.pyz" % label)
 

@@ -170,7 +170,8 @@ class Guard:
     def rollback(self, row, reason, reject):
         ctx = row.context
         log.error("update %d: %s; rolling back to %s", self.uid, reason, row.from_version)
-        self.journal.move(self.uid, "rolling_back", reason)
+        if row.state != "rolling_back":  # else a guard before us began it
+            self.journal.move(self.uid, "rolling_back", reason)
         notes = []
         try:
             self._stop_new(row)

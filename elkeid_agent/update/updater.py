@@ -204,7 +204,7 @@ class AgentUpdater:
         try:
             await self._steps(off, uid)
         except (VerifyError, InstallError, offers.OfferError, OSError) as e:
-            self._fail(uid, str(e))
+            self._fail(uid, _reason(e))
         except asyncio.CancelledError:
             # Shutdown mid-download: the next start marks it interrupted.
             raise
@@ -216,6 +216,10 @@ class AgentUpdater:
         from .trial import report
         self.metrics.inc("update_failed")
         try:
+            row = self.journal.get(uid)
+            _remove_quietly(row.package)
+            if row.backup:
+                _remove_quietly(row.backup)
             self.journal.move(uid, "failed", why)
             report(self.journal, self.journal.get(uid), self.emit, self.state)
         except JournalError as e:
@@ -400,6 +404,11 @@ class AgentUpdater:
                 continue
             log.warning("update %d to %s: its guard is gone during %s; starting a guard to "
                         "roll it back", row.id, row.to_version, row.state)
+            # The agent to replace is this one now (no manager: the guard
+            # stops it and starts the restored version the way it was run).
+            self.journal.set(row.id, context=dict(
+                row.context, agent_pid=os.getpid(), agent_start=proc_start_ticks(os.getpid()),
+                argv=sys.argv[1:], cwd=os.getcwd(), env=_agent_env()))
             try:
                 self._spawn_guard(row.id, row.backup, UpdatePaths(self.settings.workdir,
                                                                   self.policy() or _NoPolicy))
@@ -420,6 +429,12 @@ def _agent_env():
     keep = ("PATH", "LANG", "LC_ALL")
     return {k: v for k, v in os.environ.items()
             if k in keep or k.startswith(("ELKEID_", "SPECIFIED_"))}
+
+
+def _reason(e):
+    if isinstance(e, OSError) and e.strerror:
+        return "%s%s" % (e.strerror, " (%s)" % e.filename if e.filename else "")
+    return str(e)
 
 
 def _remove_quietly(path):
