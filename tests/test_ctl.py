@@ -73,6 +73,8 @@ def test_version_and_help_exit_0(fx):
     assert r.code == 0 and "1." in r.out
     r = run(fx, "--help")
     assert r.code == 0 and "service-reload" in r.out
+    for command in ctl.COMMANDS:
+        assert "\n    %s " % command in r.out or "\n    %s\n" % command in r.out, command
     r = run(fx, "set", "--help")
     assert r.code == 0 and "--service_type" in r.out
 
@@ -189,7 +191,8 @@ def test_specified_env_that_is_a_directory(fx):
 @pytest.mark.parametrize("argv", [["start"], ["stop"], ["restart"], ["check"], ["enable"],
                                   ["disable"], ["cleanup"], ["service-reload"],
                                   ["set", "--idc=x"], ["unset", "--idc"],
-                                  ["cgroup", "--apply"]])
+                                  ["cgroup", "--apply"], ["update", "--clear"],
+                                  ["rollback"], ["rollback", "--yes"]])
 def test_non_root_is_refused_before_anything_happens(fx, argv):
     sysv(fx)
     fx.euid = 1000

@@ -7,6 +7,8 @@
     elkeidctl cgroup [--apply] [--json]
     elkeidctl cleanup | service-reload
     elkeidctl services [--json] | services restart|stop|start ID | services reload|stop-all
+    elkeidctl update [--json] [--limit N] | update --clear
+    elkeidctl rollback [--yes]
 
 ``--workdir DIR`` (or ``ELKEID_WORKDIR``; default /etc/elkeid) before the
 command says where the agent's files are, for every command.
@@ -22,8 +24,10 @@ import sys
 
 from .layout import EXIT_FAILURE, EXIT_USAGE, CtlError
 
+HISTORY_LIMIT = 20  # elkeidctl update: rows shown without --limit
+
 COMMANDS = ("start", "stop", "restart", "status", "enable", "disable", "check", "set",
-            "unset", "cgroup", "cleanup", "service-reload", "services")
+            "unset", "cgroup", "cleanup", "service-reload", "services", "update", "rollback")
 SET_FLAGS = ("service_type", "id", "idc", "region", "server", "service_discovery",
              "public_server")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; the message asks for a report
@@ -41,6 +45,8 @@ _HELP = {
     "cleanup": "remove leftovers: legacy cgroup mounts, stray cgroup members, stale pid files",
     "service-reload": "make the service manager re-read its files",
     "services": "list the running agent's local services, or restart|stop|start|reload them",
+    "update": "show the update history and the versions not retried (or --clear them)",
+    "rollback": "go back to the version before the newest successful agent update",
 }
 
 
@@ -106,6 +112,15 @@ def _parser(out, err):
     text = ("with the agent stopped: stop every service an agent left running (its "
             "state file's runs and any elkeid-service-* unit); the package's pre-remove")
     actions.add_parser("stop-all", help=text, description=text, out=out, err=err)
+    up = add("update")
+    up.add_argument("--json", action="store_true", help="print JSON")
+    up.add_argument("--limit", type=_positive, default=None, metavar="N",
+                    help="show the newest N updates (default %d)" % HISTORY_LIMIT)
+    up.add_argument("--clear", action="store_true",
+                    help="forget the versions not retried, so the server's next offer of "
+                         "them is tried again")
+    add("rollback").add_argument("--yes", action="store_true",
+                                 help="do it (without: print what would be done)")
     cg = add("cgroup")
     cg.add_argument("--apply", action="store_true",
                     help="create the cgroup with its limits and move the agent into it")
@@ -139,12 +154,24 @@ def parse(argv, out, err):
     if workdir is not None and (not workdir.strip() or "\x00" in workdir):
         p.error("--workdir needs a directory, got %r" % workdir)
     args.workdir = workdir or None
+    if args.command == "update" and args.clear and (args.json or args.limit is not None):
+        p.error("update --clear takes neither --json nor --limit")
     if args.command in ("set", "unset"):
         chosen = [f for f in SET_FLAGS if getattr(args, f) not in (None, False)]
         if not chosen:
             p.error("%s needs at least one of %s" % (
                 args.command, " ".join("--" + f for f in SET_FLAGS)))
     return args
+
+
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError("needs a whole number of 1 or more, got %r" % text)
+    return n
 
 
 def _first_word(argv):
@@ -161,8 +188,10 @@ def _first_word(argv):
     return None
 
 
-def main(argv=None, fx=None, out=None, err=None):
-    """Run elkeidctl; returns the exit code."""
+def main(argv=None, fx=None, out=None, err=None, install_fx=None):
+    """Run elkeidctl; returns the exit code. ``fx``: the service seam
+    (ServiceEffects); ``install_fx``: rollback's file and package seam
+    (InstallEffects)."""
     out = out or sys.stdout
     err = err or sys.stderr
     argv = sys.argv[1:] if argv is None else argv
@@ -171,7 +200,7 @@ def main(argv=None, fx=None, out=None, err=None):
     except _Exit as e:
         return e.code
     try:
-        return _run(args, fx, out, err)
+        return _run(args, fx, out, err, install_fx)
     except CtlError as e:
         err.write("elkeidctl: %s\n" % e)
         return e.code
@@ -190,7 +219,7 @@ def main(argv=None, fx=None, out=None, err=None):
         return EXIT_INTERNAL
 
 
-def _run(args, fx, out, err):
+def _run(args, fx, out, err, install_fx):
     from .commands import Ctl
     from .layout import Paths
     paths = Paths(args.workdir) if args.workdir else Paths()
@@ -214,6 +243,14 @@ def _run(args, fx, out, err):
         return ctl.unset([f for f in SET_FLAGS if getattr(args, f)])
     if cmd == "cgroup":
         return ctl.cgroup(args.apply, args.json)
+    if cmd == "update":
+        from . import update
+        if args.clear:
+            return update.clear(ctl)
+        return update.history(ctl, args.json, args.limit or HISTORY_LIMIT)
+    if cmd == "rollback":
+        from . import update
+        return update.rollback(ctl, args.yes, install_fx)
     method = getattr(ctl, cmd.replace("-", "_"))
     return method()
 

@@ -25,6 +25,7 @@ import time
 
 from ..runtime import ctlsock
 from .layout import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PRIVILEGE, CtlError
+from .table import aligned, clip
 
 ACTIONS = ("restart", "stop", "start", "reload", "stop-all")
 STOP_TIMEOUT = 10.0  # the supervisor's default: SIGTERM, this long, SIGKILL
@@ -98,18 +99,14 @@ def _cell(key, s):
         return _uptime(value)
     if key == "pid":
         return str(value) if value else "-"
-    text = "" if value is None else str(value)
-    text = " ".join(text.split())  # one line per service, whatever a service wrote
-    return (text[:77] + "...") if len(text) > 80 else (text or "-")
+    return clip(value, 80)
 
 
 def table(services):
     if not services:
         return "no local services"
-    rows = [[h for h, _k in _COLUMNS]] + [[_cell(k, s) for _h, k in _COLUMNS] for s in services]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
-                     for r in rows)
+    return aligned([[h for h, _k in _COLUMNS]] +
+                   [[_cell(k, s) for _h, k in _COLUMNS] for s in services])
 
 
 def stop_all(ctl, fx=None):

@@ -86,7 +86,7 @@ class Guard:
             else:
                 self.fx.install_package(row.package, row.install, ctx.get("allow_downgrade"))
         except (InstallError, OSError) as e:
-            return self.rollback(self.row, "install failed: %s" % _text(e), reject=True)
+            return self.rollback(self.row, "install failed: %s" % error_text(e), reject=True)
         deadline = self.clock() + float(ctx.get("verify_timeout", 300))
         self.journal.move(self.uid, "trial", trial_deadline=deadline)
         log.info("update %d: %s in place; trial until %s", self.uid, row.to_version,
@@ -177,9 +177,9 @@ class Guard:
             self._stop_new(row)
             self.fx.replace_file(row.backup, ctx["target"])
             if row.install in ("deb", "rpm"):
-                notes.append(self._restore_package(row))
+                notes.append(restore_package(self.fx, row))
         except (InstallError, OSError, KeyError) as e:
-            why = "%s; rollback failed: %s" % (reason, _text(e))
+            why = "%s; rollback failed: %s" % (reason, error_text(e))
             self.journal.move(self.uid, "rollback_failed", why)
             log.error("update %d: %s", self.uid, why)
             self._start_old(row)
@@ -192,18 +192,6 @@ class Guard:
         self._start_old(row)
         log.info("update %d: %s restored", self.uid, row.from_version)
         return 0
-
-    def _restore_package(self, row):
-        if not row.backup_package or not os.path.isfile(row.backup_package):
-            recorded = self.fx.installed_version("deb" if row.install == "deb" else "rpm")
-            return ("the package database says %s while the files are %s again: the %s "
-                    "package file is not at hand" % (recorded or row.to_version,
-                                                     row.from_version, row.from_version))
-        try:
-            self.fx.install_package(row.backup_package, row.install, allow_downgrade=True)
-        except InstallError as e:
-            return "reinstalling the %s package failed: %s" % (row.from_version, e)
-        return ""
 
     def _stop_new(self, row):
         if row.manager != "none":
@@ -235,7 +223,7 @@ class Guard:
         except (InstallError, OSError) as e:
             log.error("update %d: starting %s again failed: %s", self.uid, row.from_version, e)
             self.journal.set(self.uid, reason=(self.row.reason or "") +
-                             "; starting it again failed: %s" % _text(e))
+                             "; starting it again failed: %s" % error_text(e))
 
     # ------------------------------------------------------------ sysvinit
 
@@ -255,6 +243,22 @@ class Guard:
             AgentCgroup(ServiceEffects()).release(os.getpid(), log.warning)
         except Exception as e:  # no cgroups here: nothing to leave
             log.warning("could not leave the agent's cgroup: %s", e)
+
+
+def restore_package(fx, row):
+    """After the files of ``row.from_version`` are back: reinstall its
+    package, so the package manager agrees with the files. '' when done,
+    else a note saying what the package database records instead."""
+    if not row.backup_package or not os.path.isfile(row.backup_package):
+        recorded = fx.installed_version("deb" if row.install == "deb" else "rpm")
+        return ("the package database says %s while the files are %s again: the %s "
+                "package file is not at hand" % (recorded or row.to_version,
+                                                 row.from_version, row.from_version))
+    try:
+        fx.install_package(row.backup_package, row.install, allow_downgrade=True)
+    except InstallError as e:
+        return "reinstalling the %s package failed: %s" % (row.from_version, e)
+    return ""
 
 
 def prune(backup_dir, keep_count, keep=()):
@@ -285,7 +289,7 @@ def _unlink(path):
             pass
 
 
-def _text(e):
+def error_text(e):
     return getattr(e, "strerror", None) and "%s (%s)" % (e.strerror, getattr(e, "filename", "")) \
         or str(e)
 

@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
 
 STATES = ("downloading", "verifying", "backing_up", "handed_over", "switching", "trial",
           "rolling_back", "succeeded", "failed", "refused", "rolled_back", "rollback_failed",
@@ -77,15 +78,22 @@ def journal_exists(workdir):
 
 
 class Journal:
-    def __init__(self, workdir, clock=time.time):
+    def __init__(self, workdir, clock=time.time, readonly=False):
+        """``readonly``: only look (elkeidctl update): nothing is created or
+        written, so the right to read the file is enough."""
         self.dir = journal_dir(workdir)
         self.path = os.path.join(self.dir, "journal.db")
         self.clock = clock
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            if readonly:
+                self.db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(self.path),
+                                          timeout=10.0, isolation_level=None, uri=True)
+            else:
+                os.makedirs(self.dir, mode=0o700, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self._schema()
+            if not readonly:
+                self._schema()
         except sqlite3.Error as e:
             raise JournalError("update journal %s: %s" % (self.path, e)) from None
 

@@ -32,6 +32,10 @@ _WORDS = {"succeeded": "succeeded", "failed": "failed (nothing changed)",
 
 
 def summary(row):
+    if row.context.get("manual"):
+        # elkeidctl rollback: an operator's step, not an update; its reason says so.
+        return "%s %s -> %s: %s" % (row.component, row.from_version, row.to_version,
+                                    row.reason or row.state)
     text = "update of %s %s -> %s %s" % (row.component, row.from_version, row.to_version,
                                          _WORDS.get(row.state, row.state))
     return text + (": %s" % row.reason if row.reason and row.state != "succeeded" else "")
