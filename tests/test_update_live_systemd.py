@@ -146,6 +146,14 @@ def test_deb_updates_under_a_live_systemd(container, builds, tmp_path):  # noqa:
         # Offering 4.0.0 lifted 3.0.0's rejection (the server moved on).
         assert [x["version"] for x in hist["rejected"]] == ["4.0.0"]
         assert c.show("ActiveState")["ActiveState"] == "active"
+    except BaseException:
+        for path in ("/etc/elkeid/log/update-guard.log", "/etc/elkeid/log/elkeid-agent.log"):
+            try:
+                print("---- %s\n%s" % (path, open(c.path(path)).read()[-6000:]))
+            except OSError as e:
+                print("---- %s: %s" % (path, e))
+        print("---- journal\n" + c.run("journalctl", "--no-pager", "-n", "80")[1])
+        raise
     finally:
         files.close()
         dc.stop()
