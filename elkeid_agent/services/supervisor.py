@@ -346,9 +346,12 @@ class ServiceSupervisor:
             return False, refused
         before = runner.runs
         runner.request_restart()
-        ok = await runner.until(lambda: runner.state == "running" and runner.runs > before
-                                or runner.state in ("failed", "exited", "backoff"),
-                                self.stop_timeout + self.kill_timeout + 30)
+        # A service in backoff is already in an end state: only the outcome
+        # of the restart taken up counts.
+        ok = await runner.until(lambda: not runner.restart_pending and (
+            runner.state == "running" and runner.runs > before
+            or runner.state in ("failed", "exited", "backoff")),
+            self.stop_timeout + self.kill_timeout + 30)
         return ok and runner.state == "running", "service %s is %s" % (service_id,
                                                                        runner.state)
 
