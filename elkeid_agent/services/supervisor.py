@@ -41,6 +41,10 @@ Public API (stable; the status endpoint, the server reports and
     failed or exited service; ``restart`` stops and starts it now, forgiving
     earlier failures.
 
+``status_of(id) -> dict or None``, ``enabled_spec(id) -> (ServiceSpec, None)``
+    One service's status dict; its entry, or (None, why it is unknown or
+    disabled): what a binary update (``update/services.py``) works from.
+
 ``async reload() -> (ok, problems)``
     Re-read the services file. Invalid: nothing changes, ``problems`` are
     the rendered problems (code, file:line, path, message), the agent's
@@ -339,6 +343,14 @@ class ServiceSupervisor:
         if not runner.spec.enabled:
             return None, "service %s is disabled in the services file" % service_id
         return runner, None
+
+    def status_of(self, service_id):
+        runner = self._runners.get(service_id)
+        return runner.status() if runner is not None else None
+
+    def enabled_spec(self, service_id):
+        runner, refused = self._enabled_runner(service_id)
+        return (runner.spec if runner is not None else None), refused
 
     async def restart(self, service_id):
         runner, refused = self._enabled_runner(service_id)
