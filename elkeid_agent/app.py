@@ -79,6 +79,7 @@ class Agent:
         self.services = None
         self.collectors = None
         self.updater = None
+        self.service_updater = None
         self.status = None
         self.control = None
         self.reports = Reports(self.queue.put_own)
@@ -185,7 +186,8 @@ class Agent:
                                    on_state=sdnotify.status)
         self.transport.diagnose = DialDiagnosis(s, self.metrics, self.executors)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
-                                self.request_shutdown, self.executors, owner=self.owner)
+                                self.request_shutdown, self.executors, owner=self.owner,
+                                service_updates=lambda: self.service_updater)
         if self.plugins is not None:
             try:
                 # Kills plugin processes a crashed earlier agent left behind.
@@ -205,14 +207,21 @@ class Agent:
         sdnotify.ready("connecting")
 
     def _start_updates(self):
-        """The updater (offers from the server), recovery of an update a
-        killed agent left, and this version's side of a trial."""
+        """The updaters (the agent's from configs lists, the local services'
+        from 1070 tasks), recovery of updates a killed agent left, and this
+        version's side of a trial. After the services boot: a service's
+        recovery restarts it."""
         from .update.journal import JournalError, journal_exists
+        from .update.services import ServiceUpdater
         from .update.trial import TrialReporter
         from .update.updater import AgentUpdater
         self.updater = AgentUpdater(self.settings, self.state, self.metrics, self.owner,
                                     self.executors, self.queue.put_own, self._update_policy)
         self.updater.on_reexec = lambda why: self.request_shutdown(why)
+        self.service_updater = ServiceUpdater(
+            self.settings, self.state, self.metrics, self.owner, self.executors,
+            self.queue.put_own, self._update_policy, lambda: self.services,
+            lambda: self.updater.journal)
         if not journal_exists(self.settings.workdir):
             return
         self.updater.recover()
@@ -221,6 +230,7 @@ class Agent:
         except JournalError as e:
             self.state.set_abnormal("update", str(e))
             return
+        self.service_updater.recover()
         reporter = TrialReporter(journal, self.transport, self.queue, self._beat, self.state,
                                  self.queue.put_own)
         self.owner.run_once("update trial", reporter.run())

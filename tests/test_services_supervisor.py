@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from services_fixtures.rig import Rig, service, wait_for, write_services  # noqa: E402
+from services_fixtures.rig import SVC, Rig, service, wait_for, write_services  # noqa: E402
 
 from elkeid_agent.services import adoption  # noqa: E402
 from elkeid_devtools.launchers import processes_mentioning  # noqa: E402
@@ -495,6 +495,34 @@ def test_control_requests(tmp_path):
             states = [c["state"] for c in rig.changes if c["id"] == "s"]
             assert states[:4] == ["starting", "running", "stopping", "exited"]
             assert states.count("running") == 3
+        finally:
+            await rig.close()
+    run(main())
+
+
+def test_restart_of_a_service_in_backoff_answers_with_the_new_run(tmp_path):
+    """A service waiting out a backoff is already in an end state: the
+    answer must come from the run the restart starts, not the old state."""
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    binary = tmp_path / "flaky"
+    binary.write_text("#!%s\nimport os, sys\nif os.path.exists(%r):\n    sys.exit(1)\n"
+                      "os.execv(%r, [%r, %r])\n" % (sys.executable, str(flag), sys.executable,
+                                                   sys.executable, SVC))
+    binary.chmod(0o755)
+
+    async def main():
+        rig = Rig(tmp_path)
+        await rig.boot([service("s", binary_path=str(binary), args=[],
+                                restart={"backoff_base": "30s", "backoff_max": "30s"})])
+        try:
+            await rig.wait("s", lambda s: s["state"] == "backoff" and s["restarts"] >= 1,
+                           what="a 30 s backoff")
+            flag.unlink()
+            ok, msg = await rig.sup.restart("s")
+            assert ok, msg
+            st = rig.get("s")
+            assert st["state"] == "running" and st["pid"]
         finally:
             await rig.close()
     run(main())

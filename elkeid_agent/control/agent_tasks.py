@@ -2,7 +2,8 @@
 
 1050 uploads a file over /grpc.FileExt/Upload (transport/upload.py owns the
 limits and pacing), 1051 sets idc/region (persisted in specified_env the
-way ``elkeidctl set`` writes it, then applied), 1060 shuts the agent down.
+way ``elkeidctl set`` writes it, then applied), 1060 shuts the agent down,
+1070 updates a local service's binary (update/services.py owns it).
 Task data is untrusted JSON: every malformed field is refused with a 5100
 record naming the problem. Blocking file work runs in the executors
 (``upload`` for reads, ``files`` for the fsync of specified_env), never on
@@ -14,7 +15,7 @@ import json
 import logging
 
 from .. import settings as settings_mod
-from .commands import SET_METADATA, SHUTDOWN, UPLOAD
+from .commands import SERVICE_UPDATE, SET_METADATA, SHUTDOWN, UPLOAD
 from ..errors import AgentError, ServerFault
 from ..transport.upload import Uploader
 
@@ -43,7 +44,10 @@ def parse_upload(data, token):
 
 class AgentTasks:
     def __init__(self, settings, transport, metrics, report_failure, request_shutdown,
-                 executors, owner=None, uploader=None, write_env=None):
+                 executors, owner=None, uploader=None, write_env=None,
+                 service_updates=lambda: None):
+        """``service_updates()``: the update.services.ServiceUpdater, or
+        None while the agent has none."""
         self.settings = settings
         self.transport = transport
         self.metrics = metrics
@@ -54,6 +58,7 @@ class AgentTasks:
         self.uploader = uploader or Uploader(transport, executors)
         # A seam for tests: the blocking specified_env writer.
         self.write_env = write_env or settings_mod.write_env_file
+        self.service_updates = service_updates
         self.upload_task = None
         self._metadata = None  # the 1051 being persisted, if any
 
@@ -72,6 +77,8 @@ class AgentTasks:
             elif task.data_type == SHUTDOWN:
                 log.info("shutdown requested by the server")
                 self.request_shutdown("server task 1060")
+            elif task.data_type == SERVICE_UPDATE:
+                self.start_service_update(task.data, token)
         except AgentError as e:
             self.fail(token, str(e), "agent_task")
 
@@ -101,6 +108,14 @@ class AgentTasks:
         else:
             self.metrics.inc("uploads_completed")
             log.info("uploaded %s (%d bytes)", path, sent)
+
+    # ------------------------------------------------------------ 1070
+
+    def start_service_update(self, data, token):
+        updater = self.service_updates()
+        if updater is None:
+            raise ServerFault("service update: the updater is not running", token)
+        updater.offer(data, token)
 
     # ------------------------------------------------------------ 1051
 

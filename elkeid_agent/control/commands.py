@@ -22,7 +22,8 @@ from ..pb import grpc_pb2
 log = logging.getLogger(__name__)
 
 UPLOAD, SET_METADATA, SHUTDOWN = 1050, 1051, 1060
-AGENT_TASKS = (UPLOAD, SET_METADATA, SHUTDOWN)
+SERVICE_UPDATE = 1070  # this agent's own: a local service's binary (update/services.py)
+AGENT_TASKS = (UPLOAD, SET_METADATA, SHUTDOWN, SERVICE_UPDATE)
 
 Configs = namedtuple("Configs", "agent plugins")  # agent: Config or None
 AgentTask = namedtuple("AgentTask", "task")

@@ -199,6 +199,11 @@ class ServiceRunner:
         self._restart_requested = True
         self.poke()
 
+    @property
+    def restart_pending(self):
+        """A requested restart the loop has not taken up yet."""
+        return self._restart_requested
+
     # ------------------------------------------------------------ the loop
 
     async def run(self):

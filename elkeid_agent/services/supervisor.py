@@ -41,6 +41,10 @@ Public API (stable; the status endpoint, the server reports and
     failed or exited service; ``restart`` stops and starts it now, forgiving
     earlier failures.
 
+``status_of(id) -> dict or None``, ``enabled_spec(id) -> (ServiceSpec, None)``
+    One service's status dict; its entry, or (None, why it is unknown or
+    disabled): what a binary update (``update/services.py``) works from.
+
 ``async reload() -> (ok, problems)``
     Re-read the services file. Invalid: nothing changes, ``problems`` are
     the rendered problems (code, file:line, path, message), the agent's
@@ -340,15 +344,26 @@ class ServiceSupervisor:
             return None, "service %s is disabled in the services file" % service_id
         return runner, None
 
+    def status_of(self, service_id):
+        runner = self._runners.get(service_id)
+        return runner.status() if runner is not None else None
+
+    def enabled_spec(self, service_id):
+        runner, refused = self._enabled_runner(service_id)
+        return (runner.spec if runner is not None else None), refused
+
     async def restart(self, service_id):
         runner, refused = self._enabled_runner(service_id)
         if refused:
             return False, refused
         before = runner.runs
         runner.request_restart()
-        ok = await runner.until(lambda: runner.state == "running" and runner.runs > before
-                                or runner.state in ("failed", "exited", "backoff"),
-                                self.stop_timeout + self.kill_timeout + 30)
+        # A service in backoff is already in an end state: only the outcome
+        # of the restart taken up counts.
+        ok = await runner.until(lambda: not runner.restart_pending and (
+            runner.state == "running" and runner.runs > before
+            or runner.state in ("failed", "exited", "backoff")),
+            self.stop_timeout + self.kill_timeout + 30)
         return ok and runner.state == "running", "service %s is %s" % (service_id,
                                                                        runner.state)
 

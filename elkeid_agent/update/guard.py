@@ -261,10 +261,11 @@ def restore_package(fx, row):
     return ""
 
 
-def prune(backup_dir, keep_count, keep=()):
-    """Keep the newest ``keep_count`` backups (and every path in ``keep``)."""
+def prune(backup_dir, keep_count, keep=(), owns=lambda name: name.startswith("elkeid-agent_")):
+    """Keep the newest ``keep_count`` backups of each kind (and every path
+    in ``keep``) among the names ``owns`` says are this component's."""
     try:
-        names = [n for n in os.listdir(backup_dir) if n.startswith("elkeid-agent_")]
+        names = [n for n in os.listdir(backup_dir) if owns(n)]
     except OSError:
         return
     full = []

@@ -10,6 +10,7 @@ States (final ones in capitals of the README diagram):
 
     downloading -> verifying -> backing_up -> handed_over -> switching
       -> trial -> succeeded
+    (a local service's binary: backing_up -> switching, no hand-over)
     trial/switching -> rolling_back -> rolled_back | rollback_failed
     downloading/verifying/backing_up -> failed        (nothing changed)
     (offer checks)                   -> refused       (nothing changed)
@@ -34,7 +35,8 @@ FINAL = frozenset(("succeeded", "failed", "refused", "rolled_back", "rollback_fa
 _NEXT = {
     "downloading": ("verifying", "failed", "interrupted"),
     "verifying": ("backing_up", "handed_over", "failed", "refused", "interrupted"),
-    "backing_up": ("handed_over", "failed", "interrupted"),
+    # A local service's update has no guard: the agent switches itself.
+    "backing_up": ("handed_over", "switching", "failed", "interrupted"),
     "handed_over": ("switching", "failed", "interrupted", "rolling_back"),
     "switching": ("trial", "rolling_back", "succeeded"),
     "trial": ("succeeded", "rolling_back"),

@@ -34,7 +34,8 @@ ACCEPTS = {"pyz": ("pyz",), "deb": ("deb",), "rpm": ("rpm",)}
 MAX_SIGNATURE_TEXT = 16384
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_:-]{0,63}$")
-_COMPONENT = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+# The agent's name or a local service id (services/config.py's rule).
+_COMPONENT = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]{0,63}$")
 
 
 class OfferError(ValueError):

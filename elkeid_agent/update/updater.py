@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 DOWNLOAD_MAX_BYTES = 512 << 20   # the plugins' rule (docs/protocol.md section 2)
 DOWNLOAD_TIMEOUT = 600.0
 SIGNATURE_MAX_BYTES = 16384
+POLICY_UNKNOWN = ("the services file is invalid, so the update policy (and its public key) "
+                  "is unknown; fix the file first")
 HANDOVER_GRACE = 60.0            # a guard just spawned has this long to register
 GUARD_UNIT = "elkeid-agent-update"
 _DAEMONIZE = ("import os, sys\n"
@@ -74,9 +76,44 @@ def guard_alive(row):
     return running(row.guard_pid, row.guard_start)
 
 
-class AgentUpdater:
-    def __init__(self, settings, state, metrics, owner, executors, emit, policy,
-                 fx=None, archive=None, journal=None, clock=time.time):
+def update_key(settings, policy):
+    """The update-signing key (``verify.PublicKey``) every update is
+    checked with, or None: ``update_public_key`` (ELKEID_UPDATE_PUBKEY),
+    else the services file's ``update.public_key_file``. VerifyError when
+    a key is configured but unusable (fails closed)."""
+    path = settings.update_public_key or (policy.public_key_file if policy else "")
+    return PublicKey(settings.path(path)) if path else None
+
+
+def download_offer(off, dest):
+    """Fetch ``off``'s bytes to ``dest`` (every URL in turn, sha256 checked
+    as they arrive); the URL that served them. Blocking."""
+    from ..plugins.fetch import FetchError, download
+    try:
+        return download(list(off.urls), dest, off.sha256, DOWNLOAD_MAX_BYTES, DOWNLOAD_TIMEOUT)
+    except FetchError as e:
+        raise VerifyError("download failed: %s" % e) from None
+
+
+BEFORE_SWITCH = ("downloading", "verifying", "backing_up")
+
+
+def interrupt(journal, row):
+    """Close a row a killed agent left before anything was switched: it
+    becomes ``interrupted`` and its download and backup are removed."""
+    journal.move(row.id, "interrupted", "the agent stopped during %s" % row.state)
+    _remove_quietly(row.package)
+    if row.backup:
+        _remove_quietly(row.backup)
+    log.warning("update %d of %s to %s was interrupted during %s", row.id, row.component,
+                row.to_version, row.state)
+
+
+class UpdaterBase:
+    """What every updater works with (this one and update/services.py's)."""
+
+    def __init__(self, settings, state, metrics, owner, executors, emit, policy, fx=None,
+                 clock=time.time):
         """``policy()``: the services file's UpdatePolicy, or None while that
         file is invalid (then nothing is updated: the key it names is
         unknown). ``emit(record)``: queue one of the agent's own records."""
@@ -88,8 +125,14 @@ class AgentUpdater:
         self.emit = emit
         self.policy = policy
         self.fx = fx or InstallEffects()
-        self.archive = running_archive() if archive is None else archive
         self.clock = clock
+
+
+class AgentUpdater(UpdaterBase):
+    def __init__(self, settings, state, metrics, owner, executors, emit, policy,
+                 fx=None, archive=None, journal=None, clock=time.time):
+        super().__init__(settings, state, metrics, owner, executors, emit, policy, fx, clock)
+        self.archive = running_archive() if archive is None else archive
         self._journal = journal
         self._job = None
         self._install = None
@@ -170,14 +213,7 @@ class AgentUpdater:
         return None
 
     def _policy_problem(self):
-        if self.policy() is None:
-            return ("the services file is invalid, so the update policy (and its public key) "
-                    "is unknown; fix the file first")
-        return None
-
-    def _key_path(self):
-        pol = self.policy()
-        return self.settings.update_public_key or (pol.public_key_file if pol else "")
+        return POLICY_UNKNOWN if self.policy() is None else None
 
     def _refuse_offer(self, version, why):
         self.metrics.inc("update_refused")
@@ -233,7 +269,7 @@ class AgentUpdater:
             os.makedirs(d, mode=0o700, exist_ok=True)
         dest = os.path.join(paths.download_dir, "elkeid-agent-%d.download" % uid)
         self.journal.set(uid, package=dest)
-        url = await run("update", self._download, off, dest)
+        url = await run("update", download_offer, off, dest)
         self.journal.move(uid, "verifying")
         kind, facts = await run("update", self._verify, off, dest, url)
         self.journal.set(uid, kind=kind)
@@ -252,14 +288,6 @@ class AgentUpdater:
         log.info("update to %s handed over to the guard (backup %s)", off.version, backup)
         if self.manager() == "none":
             await self._wait_for_switch(uid)
-
-    def _download(self, off, dest):
-        from ..plugins.fetch import FetchError, download
-        try:
-            return download(list(off.urls), dest, off.sha256, DOWNLOAD_MAX_BYTES,
-                            DOWNLOAD_TIMEOUT)
-        except FetchError as e:
-            raise VerifyError("download failed: %s" % e) from None
 
     def _signature(self, off, url):
         if off.signature is not None:
@@ -282,9 +310,8 @@ class AgentUpdater:
         why = offers.accepts(self.install_kind(), kind)
         if why is not None:
             raise offers.OfferError(why)
-        key_path = self._key_path()
-        if key_path:
-            key = PublicKey(self.settings.path(key_path))
+        key = update_key(self.settings, self.policy())
+        if key is not None:
             scheme = key.verify(dest, self._signature(off, url))
             log.info("update %s: signature verified (%s, key %s)", off.version, scheme,
                      key.path)
@@ -385,14 +412,8 @@ class AgentUpdater:
             self.state.set_abnormal("update", "update journal unusable: %s" % e)
             return
         for row in rows:
-            if row.state in ("downloading", "verifying", "backing_up"):
-                self.journal.move(row.id, "interrupted",
-                                  "the agent stopped during %s" % row.state)
-                _remove_quietly(row.package)
-                if row.backup:
-                    _remove_quietly(row.backup)
-                log.warning("update %d to %s was interrupted during %s", row.id,
-                            row.to_version, row.state)
+            if row.state in BEFORE_SWITCH:
+                interrupt(self.journal, row)
                 continue
             if guard_alive(row):
                 continue
