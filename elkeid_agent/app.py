@@ -200,7 +200,12 @@ class Agent:
         self._install_signals(loop)
         await self._start_services()
         self.heartbeat = Heartbeat(self)
-        self._start_updates()
+        try:
+            self._start_updates()
+        except Exception as e:  # the rule: the agent runs on, and says why
+            log.exception("updates unavailable")
+            self.state.set_abnormal("update", "updates unavailable: %s: %s"
+                                    % (type(e).__name__, e))
         self.owner.spawn("transport", self.transport.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
         await self._start_local_reporting()

@@ -50,7 +50,7 @@ from ..errors import ServerFault
 from ..osfx.install import InstallError
 from ..services.health import DEAD, HEALTHY, HTTP_FAILED, NO_HEARTBEAT, OVER_LIMIT
 from . import offer as offers
-from .guard import _text, prune
+from .guard import error_text, prune
 from .journal import JournalError
 from .trial import report
 from .updater import (BEFORE_SWITCH, DOWNLOAD_MAX_BYTES, POLICY_UNKNOWN, UpdaterBase,
@@ -170,7 +170,7 @@ class ServiceUpdater(UpdaterBase):
         except asyncio.CancelledError:
             raise  # the next start marks it interrupted
         except (VerifyError, InstallError, OSError) as e:
-            return self._fail(uid, _text(e))
+            return self._fail(uid, error_text(e))
         except Exception as e:  # a saturated pool, the journal: nothing switched yet
             log.exception("update of service %s to %s failed unexpectedly", spec.id, off.version)
             return self._fail(uid, "unexpected %s: %s" % (type(e).__name__, e))
@@ -179,7 +179,7 @@ class ServiceUpdater(UpdaterBase):
         except asyncio.CancelledError:
             raise  # switching: the next start rolls it back
         except Exception as e:  # OSError (disk full ...), Saturated: the old file stays
-            return await self._rollback(uid, "switching failed: %s" % _text(e), reject=False,
+            return await self._rollback(uid, "switching failed: %s" % error_text(e), reject=False,
                                         restart=False)
         try:
             await self._trial(uid, spec.id, policy.verify_timeout)
@@ -297,7 +297,7 @@ class ServiceUpdater(UpdaterBase):
             raise
         except Exception as e:  # OSError, InstallError, Saturated
             journal.move(uid, "rollback_failed", "%s; restoring %s failed: %s"
-                         % (reason, row.backup, _text(e)))
+                         % (reason, row.backup, error_text(e)))
             self._finish(uid)
             return
         if reject:
