@@ -274,7 +274,11 @@ class AgentUpdater(UpdaterBase):
         kind, facts = await run("update", self._verify, off, dest, url)
         self.journal.set(uid, kind=kind)
         self.journal.move(uid, "backing_up")
-        backup, backup_pkg = await run("update", self._backup, paths, uid, kind)
+        # The journal is the loop's (an sqlite3 connection stays in its thread).
+        last = self.journal.last_succeeded(offers.AGENT)
+        kept = last.context.get("installed_package", "") \
+            if last is not None and last.to_version == __version__ else ""
+        backup, backup_pkg = await run("update", self._backup, paths, uid, kind, kept)
         deadline_after = self.policy().verify_timeout
         ctx = {"target": self.archive, "python": sys.executable, "argv": sys.argv[1:],
                "cwd": os.getcwd(), "env": _agent_env(), "agent_pid": os.getpid(),
@@ -331,7 +335,7 @@ class AgentUpdater(UpdaterBase):
             raise VerifyError("the package is for %s, this host is %s" % (facts["arch"], want_arch))
         return kind, facts
 
-    def _backup(self, paths, uid, kind):
+    def _backup(self, paths, uid, kind, kept):
         """Copy the running file (and the package it was installed from,
         when it is at hand) into the backup directory. Disk full: OSError,
         nothing switched."""
@@ -345,17 +349,14 @@ class AgentUpdater(UpdaterBase):
                                % (self.archive, paths.backup_dir, e.strerror or e)) from None
         package = ""
         if kind in ("deb", "rpm"):
-            package = self._current_package(paths, kind)
+            package = self._current_package(kind, kept)
         return backup, package
 
-    def _current_package(self, paths, kind):
-        """The package file the running version was installed from: kept
+    def _current_package(self, kind, kept):
+        """The package file the running version was installed from: ``kept``
         by the update that installed it, or in the package manager's cache."""
-        last = self.journal.last_succeeded(offers.AGENT)
-        if last is not None and last.to_version == __version__:
-            kept = last.context.get("installed_package", "")
-            if kept and os.path.isfile(kept):
-                return kept
+        if kept and os.path.isfile(kept):
+            return kept
         for d in ("/var/cache/apt/archives", "/var/cache/yum", "/var/cache/dnf"):
             try:
                 names = os.listdir(d)
