@@ -111,7 +111,7 @@ class InstallEffects:
         if kind == "deb":
             rc, out = self.run(["dpkg-deb", "-f", path, "Package", "Version", "Architecture"], 60)
             if rc != 0:
-                raise InstallError("not a valid .deb: %s" % out.strip()[-300:])
+                raise InstallError("not a valid .deb: %s" % _one_line(out, 2))
             f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
             return {"name": f.get("Package", ""), "version": f.get("Version", ""),
                     "arch": f.get("Architecture", "")}
@@ -120,7 +120,7 @@ class InstallEffects:
                                 "%{NAME}\\n%{VERSION}\\n%{ARCH}\\n", path], 60)
             lines = out.strip().splitlines()
             if rc != 0 or len(lines) < 3:
-                raise InstallError("not a valid .rpm: %s" % out.strip()[-300:])
+                raise InstallError("not a valid .rpm: %s" % _one_line(out, 2))
             return {"name": lines[-3], "version": lines[-2], "arch": lines[-1]}
         raise InstallError("unknown package kind %r" % kind)
 
@@ -182,8 +182,8 @@ class InstallEffects:
             argv = ["rpm", "-Uvh"] + (["--oldpackage"] if allow_downgrade else []) + [path]
         rc, out = self.run(argv, 600)
         if rc != 0:
-            tail = " | ".join(out.strip().splitlines()[-3:])
-            raise InstallError("%s exited with %d: %s" % (" ".join(argv[:-1]), rc, tail))
+            raise InstallError("%s exited with %d: %s" % (" ".join(argv[:-1]), rc,
+                                                           _one_line(out, 3)))
         return out
 
     # ------------------------------------------------------------ service manager
@@ -192,7 +192,7 @@ class InstallEffects:
         rc, out = self.run(["systemctl"] + list(args), timeout)
         if rc != 0:
             raise InstallError("systemctl %s failed (%d): %s"
-                               % (" ".join(args), rc, out.strip()[-300:]))
+                               % (" ".join(args), rc, _one_line(out)))
         return out
 
     def unit_state(self):
@@ -209,6 +209,14 @@ class InstallEffects:
             return self.processes.spawn_unit(unit, argv[0], argv[1:], cwd, env, log_path,
                                              log_path, 30)
         return self.processes.spawn_direct(argv[0], argv[1:], cwd, env, log_path, log_path)
+
+
+def _one_line(output, lines=1):
+    """The last ``lines`` non-empty lines of a tool's output, as one line
+    (reasons go into one-line reports), at most 300 characters."""
+    kept = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    text = " | ".join(kept[:1] if lines == 1 else kept[-lines:])
+    return text[:300]
 
 
 def _unlink(path):
