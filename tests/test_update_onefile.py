@@ -388,6 +388,32 @@ def test_sigkill_of_the_guard_during_the_trial_rolls_back_on_the_next_start(onef
     assert [r["state"] for r in o.journal()] == ["rolled_back", "succeeded"]
 
 
+def test_sigkill_of_the_old_agent_mid_switch_ends_on_a_working_version(onefile, builds,
+                                                                       tmp_path):
+    o = onefile("onefile-killswitch")
+    v2 = open(builds.make_pyz(str(tmp_path / "b"), V2), "rb").read()
+    mark = o.last_id()
+    o.offer(V2, v2)
+    wait_until(lambda: o.journal() and o.journal()[0]["state"] in ("handed_over", "switching",
+                                                                   "trial"),
+               60, 0.01, "the hand-over")
+    o.agent.signal(signal.SIGKILL)
+    report = o.wait_report(mark, timeout=TRIAL + 60)
+    assert report["result"] == "rolled_back", report
+    if "before it re-executed" in report["reason"]:
+        # Not v2's fault: not rejected, so the restored v1 takes the
+        # server's next push of v2, and that one goes through.
+        assert o.rejected() == []
+        final = wait_until(lambda: [r for r in o.reports(mark) if r["update_id"] == "2"],
+                           TRIAL + 60, 0.2, "the second attempt")[-1]
+        assert final["result"] == "succeeded", final
+        assert o.installed_version() == V2
+    else:  # the kill landed after the re-exec began: v2's run was cut short
+        assert "exited" in report["reason"], report
+        o.wait_beat(V1, 60, "v1 restored")
+        assert o.installed_version() == V1
+
+
 def _tmpfs(path, size):
     os.makedirs(path, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", str(path)],

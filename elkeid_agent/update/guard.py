@@ -44,7 +44,12 @@ RESTART_TIMEOUT = 180.0
 
 
 class TrialFailed(Exception):
-    pass
+    """The trial failed; ``reject``: the new version is to blame (it is
+    not tried again while offered)."""
+
+    def __init__(self, message, reject=True):
+        super().__init__(message)
+        self.reject = reject
 
 
 class Guard:
@@ -94,7 +99,7 @@ class Guard:
         try:
             self.watch(self._restart(row), deadline)
         except TrialFailed as e:
-            return self.rollback(self.row, str(e), reject=True)
+            return self.rollback(self.row, str(e), reject=e.reject)
         return self.succeed(self.row)
 
     def _restart(self, row):
@@ -130,6 +135,9 @@ class Guard:
         def same():
             # The old agent re-executes itself: same pid, same start time.
             if not running(pid, start):
+                if not self.row.context.get("reexec_at"):
+                    raise TrialFailed("the old agent exited before it re-executed the new "
+                                      "version", reject=False)
                 raise TrialFailed("the new version exited during the trial")
         return same
 

@@ -6,7 +6,7 @@ is taken, so a process killed at any point leaves a row that says where it
 stopped. The old agent, the guard, the new agent and elkeidctl all open the
 same file; SQLite's locking serialises them (busy timeout 10 s).
 
-States (final ones in capitals of the README diagram):
+States (docs/update.md draws them):
 
     downloading -> verifying -> backing_up -> handed_over -> switching
       -> trial -> succeeded

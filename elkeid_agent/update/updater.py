@@ -396,6 +396,8 @@ class AgentUpdater(UpdaterBase):
             if row is None or row.final:
                 return
             if row.state == "trial":
+                # Tells the guard that from now on an exit is the new version's.
+                self.journal.set(uid, context=dict(row.context, reexec_at=self.clock()))
                 self.reexec_requested = "update to %s" % row.to_version
                 if self.on_reexec is not None:
                     self.on_reexec(self.reexec_requested)
