@@ -24,7 +24,7 @@ from harness import DevCenterProc, wait_until
 from nspawn import AGENT_ID, CTL, container, install, wait_active  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
-TRIAL = 8
+TRIAL = 20
 
 
 def _failing_postinst(deb, out, tmp):

@@ -92,12 +92,18 @@ class Guard:
                 self.fx.install_package(row.package, row.install, ctx.get("allow_downgrade"))
         except (InstallError, OSError) as e:
             return self.rollback(self.row, "install failed: %s" % error_text(e), reject=True)
-        deadline = self.clock() + float(ctx.get("verify_timeout", 300))
-        self.journal.move(self.uid, "trial", trial_deadline=deadline)
-        log.info("update %d: %s in place; trial until %s", self.uid, row.to_version,
-                 time.strftime("%H:%M:%S", time.localtime(deadline)))
+        timeout = float(ctx.get("verify_timeout", 300))
+        self.journal.move(self.uid, "trial", trial_deadline=self.clock() + timeout)
+        log.info("update %d: %s in place; restarting", self.uid, row.to_version)
         try:
-            self.watch(self._restart(row), deadline)
+            same = self._restart(row)
+            # The window runs from the new version's start, not from the
+            # switch: stopping the old agent and a cold start take their time.
+            deadline = self.clock() + timeout
+            self.journal.set(self.uid, trial_deadline=deadline)
+            log.info("update %d: trial until %s", self.uid,
+                     time.strftime("%H:%M:%S", time.localtime(deadline)))
+            self.watch(same, deadline, timeout)
         except TrialFailed as e:
             return self.rollback(self.row, str(e), reject=e.reject)
         return self.succeed(self.row)
@@ -141,10 +147,13 @@ class Guard:
                 raise TrialFailed("the new version exited during the trial")
         return same
 
-    def watch(self, same, deadline):
+    def watch(self, same, deadline, timeout):
         while True:
             same()
             row = self.row
+            reexec_at = row.context.get("reexec_at")
+            if reexec_at:  # no manager: the new version starts when the old one re-executes
+                deadline = max(deadline, reexec_at + timeout)
             if row.healthy_at and not running(row.new_pid, row.new_start):
                 raise TrialFailed("the new version exited after it reported healthy")
             if self.clock() >= deadline:
