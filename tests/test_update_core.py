@@ -380,6 +380,11 @@ def test_keys_that_are_refused(tmp_path, crypto):
     with pytest.raises(VerifyError, match=r"(EllipticCurve|EC)PublicKey keys are not "
                                           r"supported \(Ed25519 or RSA\)"):
         PublicKey(pem_file(tmp_path, crypto, crypto.ec))
+    odd_curve = tmp_path / "secp112r1.pub"
+    odd_curve.write_bytes(SECP112R1_PUBLIC)
+    with pytest.raises(VerifyError, match="update public key %s: .*use Ed25519 or RSA"
+                       % odd_curve):
+        PublicKey(str(odd_curve))
 
 
 def test_key_files_that_are_no_keys(tmp_path, crypto):
