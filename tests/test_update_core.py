@@ -648,6 +648,25 @@ def test_a_journal_of_garbage_is_a_journal_error(wd):
     garbage = "update journal .*journal.db: file is not a database"
     with pytest.raises(JournalError, match=garbage):
         Journal(str(wd))
+    looking = Journal(str(wd), readonly=True)   # elkeidctl's: reads nothing until asked
+    with pytest.raises(JournalError, match=garbage):
+        looking.history()
+    looking.close()
+
+
+def test_a_journal_with_a_corrupt_page_raises_journal_errors_only(wd, clock):
+    j = Journal(str(wd), clock=clock)
+    uid = j.begin(AGENT, "1", "2")
+    j.close()
+    corrupt_table(str(wd / "update" / "journal.db"), "updates")
+    j = Journal(str(wd), clock=clock)   # its first page is whole
+    for call in (lambda: j.in_flight(), lambda: j.get(uid), lambda: j.move(uid, "verifying"),
+                 lambda: j.begin(AGENT, "1", "3"), lambda: j.unreported(),
+                 lambda: j.set(uid, reason="x"), lambda: j.history()):
+        with pytest.raises(JournalError, match="update journal .*journal.db: database disk image "
+                                               "is malformed"):
+            call()
+    j.close()
 
 
 # ================================================================ the agent: offers, recovery
@@ -791,6 +810,30 @@ def test_a_garbage_journal_refuses_the_offer(wd, clock):
     assert agent.metrics.get("update_refused") == 1 and agent.owner.jobs == []
     agent.updater.recover()   # at start-up: the same, no exception
     assert "update journal unusable" in agent.state.reasons()[0]
+
+
+def test_a_journal_with_a_corrupt_page_refuses_the_offer(wd, clock):
+    j = Journal(str(wd), clock=clock)
+    j.begin(AGENT, __version__, "1.0.0", state="refused", reason="older")
+    j.close()
+    corrupt_table(str(wd / "update" / "journal.db"), "updates")
+    agent = Agent(wd, FakeInstall(), clock, opens_journal=True)
+    assert agent.updater.offer(config(version=NEWER)) is None
+    [reason] = agent.state.reasons()
+    assert reason.startswith("update to %s refused: update journal unusable: " % NEWER)
+    assert reason.endswith("database disk image is malformed")
+    assert agent.owner.jobs == []
+
+
+def test_a_journal_that_takes_no_writes_leaves_recovery_abnormal_not_raising(wd, clock):
+    j = Journal(str(wd), clock=clock)
+    uid = j.begin(AGENT, __version__, NEWER, state="verifying")
+    j.close()
+    agent = Agent(wd, FakeInstall(), clock, journal=Journal(str(wd), readonly=True))
+    agent.updater.recover()
+    [reason] = agent.state.reasons()
+    assert reason.startswith("update %d to %s not recovered: update journal " % (uid, NEWER))
+    assert "readonly database" in reason
 
 
 class Procs:

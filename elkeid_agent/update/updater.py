@@ -170,10 +170,13 @@ class AgentUpdater(UpdaterBase):
         for note in off.notes:
             log.warning("update offer %s: %s", off.version, note)
         try:
-            self.journal.forget_rejections(off.component, except_version=off.version)
-            rejected = self.journal.rejected(off.component, off.version)
-        except (JournalError, OSError, Exception) as e:  # sqlite3.Error included
+            return self._consider(off)
+        except JournalError as e:  # every journal step, not only the first
             return self._refuse_offer(off.version, "update journal unusable: %s" % e)
+
+    def _consider(self, off):
+        self.journal.forget_rejections(off.component, except_version=off.version)
+        rejected = self.journal.rejected(off.component, off.version)
         if rejected:
             self.metrics.inc("update_offers_skipped", reason="rejected")
             self.state.set_abnormal(
@@ -413,31 +416,39 @@ class AgentUpdater(UpdaterBase):
             self.state.set_abnormal("update", "update journal unusable: %s" % e)
             return
         for row in rows:
-            if row.state in BEFORE_SWITCH:
-                interrupt(self.journal, row)
-                continue
-            if guard_alive(row):
-                continue
-            if row.state == "handed_over" and (not row.guard_pid and
-                                               self.clock() - row.updated < HANDOVER_GRACE):
-                continue  # the guard is starting
-            if row.state == "handed_over":
-                self.journal.move(row.id, "interrupted", "the update guard never took over")
-                continue
-            log.warning("update %d to %s: its guard is gone during %s; starting a guard to "
-                        "roll it back", row.id, row.to_version, row.state)
-            # The agent to replace is this one now (no manager: the guard
-            # stops it and starts the restored version the way it was run).
-            self.journal.set(row.id, context=dict(
-                row.context, agent_pid=os.getpid(), agent_start=proc_start_ticks(os.getpid()),
-                argv=sys.argv[1:], cwd=os.getcwd(), env=_agent_env()))
             try:
-                self._spawn_guard(row.id, row.backup, UpdatePaths(self.settings.workdir,
-                                                                  self.policy() or _NoPolicy))
-            except (OSError, InstallError) as e:
-                log.error("cannot start the update guard: %s", e)
-                self.state.set_abnormal("update", "update %d to %s: guard gone and cannot be "
-                                        "restarted: %s" % (row.id, row.to_version, e))
+                self._recover_row(row)
+            except JournalError as e:  # locked, or moved on meanwhile: the next start
+                log.error("update %d: %s", row.id, e)
+                self.state.set_abnormal("update", "update %d to %s not recovered: %s"
+                                        % (row.id, row.to_version, e))
+
+    def _recover_row(self, row):
+        if row.state in BEFORE_SWITCH:
+            interrupt(self.journal, row)
+            return
+        if guard_alive(row):
+            return
+        if row.state == "handed_over" and (not row.guard_pid and
+                                           self.clock() - row.updated < HANDOVER_GRACE):
+            return  # the guard is starting
+        if row.state == "handed_over":
+            self.journal.move(row.id, "interrupted", "the update guard never took over")
+            return
+        log.warning("update %d to %s: its guard is gone during %s; starting a guard to "
+                    "roll it back", row.id, row.to_version, row.state)
+        # The agent to replace is this one now (no manager: the guard
+        # stops it and starts the restored version the way it was run).
+        self.journal.set(row.id, context=dict(
+            row.context, agent_pid=os.getpid(), agent_start=proc_start_ticks(os.getpid()),
+            argv=sys.argv[1:], cwd=os.getcwd(), env=_agent_env()))
+        try:
+            self._spawn_guard(row.id, row.backup, UpdatePaths(self.settings.workdir,
+                                                              self.policy() or _NoPolicy))
+        except (OSError, InstallError) as e:
+            log.error("cannot start the update guard: %s", e)
+            self.state.set_abnormal("update", "update %d to %s: guard gone and cannot be "
+                                    "restarted: %s" % (row.id, row.to_version, e))
 
 
 class _NoPolicy:
