@@ -14,6 +14,8 @@ new version marks itself healthy, exits, ...)."""
 import asyncio
 import base64
 import errno
+import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -29,14 +31,14 @@ from elkeid_agent.osfx import proc_start_ticks
 from elkeid_agent.osfx.install import SERVICE, InstallEffects, InstallError, staging_path
 from elkeid_agent.osfx.services import Spawned
 from elkeid_agent.pb import grpc_pb2
-from elkeid_agent.services.config import UpdatePolicy
+from elkeid_agent.services.config import ServiceSpec, UpdatePolicy
 from elkeid_agent.settings import Settings
 from elkeid_agent.state import AgentState
 from elkeid_agent.update import offer as offers
 from elkeid_agent.update.guard import Guard, prune
 from elkeid_agent.update.journal import FINAL, SCHEMA_VERSION, STATES, Journal, JournalError
 from elkeid_agent.update.offer import OfferError
-from elkeid_agent.update.services import owns_backup
+from elkeid_agent.update.services import ServiceUpdater, owns_backup
 from elkeid_agent.update.updater import HANDOVER_GRACE, AgentUpdater
 from elkeid_agent.update.verify import PublicKey, VerifyError, check_hash, check_size
 from elkeid_devtools.launchers import FileServer
@@ -421,7 +423,6 @@ def test_without_the_cryptography_module_it_fails_closed(tmp_path, crypto, paylo
 
 def test_hash_and_size_checks(payload):
     path, data = payload
-    import hashlib
     digest = hashlib.sha256(data).hexdigest()
     check_hash(path, digest.upper())
     with pytest.raises(VerifyError, match="the offer says %s, the download is %s"
@@ -881,7 +882,6 @@ class Update:
         zipapp(self.archive, __version__, b"# the running one\n")
         self.server = FileServer()
         self.new_bytes = zipapp(str(tmp_path / "new.pyz"), NEWER, b"# the new one\n")
-        import hashlib
         self.url = self.server.add("/elkeid-agent.pyz", self.new_bytes)
         self.sha = hashlib.sha256(self.new_bytes).hexdigest()
         self.fx = FakeInstall("pyz", manager)
@@ -951,7 +951,7 @@ def test_an_update_runs_to_the_hand_over(update):
                     str(update.wd), "--id", str(update.uid)]
 
 
-@pytest.mark.parametrize("step", ["downloading", "verifying"])
+@pytest.mark.parametrize("step", ["downloading", "verifying", "backing_up"])
 def test_sigkill_before_the_hand_over_interrupts_and_cleans_up(update, step):
     row = update.killed_during(step)
     leftovers = [row.package] + ([row.backup, staging_path(row.backup)] if row.backup else [])
@@ -978,6 +978,69 @@ def test_sigkill_after_the_hand_over_within_the_grace_leaves_the_guard_to_start(
     assert after.journal.get(update.uid).state == "handed_over"
     assert os.path.exists(row.package) and os.path.exists(row.backup)
     assert after.updater.fx.calls == []
+
+
+def test_sigkill_after_the_hand_over_past_the_grace_interrupts_and_cleans_up(update):
+    row = update.killed_during("handed_over")
+    update.clock.tick(HANDOVER_GRACE + 1)
+    after = update.restarted()
+    after.updater.recover()
+    now = after.journal.get(update.uid)
+    assert (now.state, now.reason) == ("interrupted", "the update guard never took over")
+    assert not os.path.exists(row.package) and not os.path.exists(row.backup)
+    assert after.updater.fx.calls == []
+
+
+class Supervisor:
+    """The services the service updater sees: one, running."""
+
+    def __init__(self, binary):
+        self.spec = ServiceSpec(id="svc", type="exec", binary_path=binary)
+
+    def enabled_spec(self, service_id):
+        return (self.spec, None) if service_id == "svc" else (None, "no service %s" % service_id)
+
+    def status_of(self, service_id):
+        return {"state": "running", "pid": 1, "restarts": 0, "health": "", "checks": {}}
+
+
+def test_sigkill_while_a_service_binary_is_backed_up_interrupts_and_cleans_up(tmp_path, wd,
+                                                                               clock):
+    binary = str(tmp_path / "svc")
+    with open(binary, "wb") as f:
+        f.write(b"#!/bin/sh\necho 1\n")
+    new = b"#!/bin/sh\necho 2\n"
+    server = FileServer()
+    try:
+        request = json.dumps({"component": "svc", "version": "2",
+                              "hash": hashlib.sha256(new).hexdigest(),
+                              "download_url": server.add("/svc", new)})
+
+        def updater(fx):
+            agent = Agent(wd, fx, clock)
+            return agent, ServiceUpdater(
+                Settings(workdir=str(wd)), agent.state, agent.metrics, agent.owner,
+                agent.executors, agent.records.append, lambda: POLICY,
+                lambda: Supervisor(binary), lambda: agent.journal, fx=fx, clock=clock)
+        fx = FakeInstall("binary", "agent")
+        fx.kill_in_copy = True
+        agent, service_updater = updater(fx)
+        uid = service_updater.offer(request, "token-1")
+        with pytest.raises(Killed):
+            asyncio.run(agent.owner.jobs[0])
+    finally:
+        server.close()
+    row = agent.journal.get(uid)
+    assert row.state == "backing_up" and os.path.exists(staging_path(row.backup))
+    agent.journal.close()
+    after, service_updater = updater(FakeInstall("binary", "agent"))
+    service_updater.recover()
+    row = after.journal.get(uid)
+    assert (row.state, row.reason) == ("interrupted", "the agent stopped during backing_up")
+    assert [p for p in (row.package, row.backup, staging_path(row.backup))
+            if os.path.exists(p)] == []
+    with open(binary, "rb") as f:
+        assert f.read() == b"#!/bin/sh\necho 1\n"
 
 
 def guard_took_over(update, guard, *moves):
@@ -1040,6 +1103,16 @@ def test_a_guard_that_cannot_be_started_again_is_abnormal(update, procs):
     assert after.state.reasons() == [
         "update %d to %s: guard gone and cannot be restarted: systemd-run failed (1): Access "
         "denied" % (update.uid, NEWER)]
+
+
+def test_a_failing_job_leaves_the_files_of_a_row_a_guard_took(update, procs):
+    """The job fails after the guard moved on (the journal busy in the wait
+    for the switch): the package and backup are the guard's now."""
+    row = guard_took_over(update, procs.start(), "switching", "trial")
+    agent = update.restarted()
+    agent.updater._fail(update.uid, "update journal: database is locked")
+    assert agent.journal.get(update.uid).state == "trial"
+    assert os.path.exists(row.package) and os.path.exists(row.backup)
 
 
 # ================================================================ the guard
