@@ -1397,6 +1397,14 @@ def test_a_rollback_that_fails_still_starts_the_old_version(tmp_path, procs, man
         [("replace_file", u.backup, u.target)] + u.start_old()
 
 
+def test_a_sysvinit_old_version_that_does_not_start_is_noted(tmp_path, procs):
+    u = guarded(tmp_path, procs, "pyz", "sysvinit")
+    u.fx.script("ctl", 0, 3)   # the new version starts; the old one then does not
+    assert u.run() == 0
+    assert u.row.state == "rolled_back"
+    assert u.row.reason.endswith("; starting it again failed: elkeidctl restart exited with 3")
+
+
 @pytest.mark.parametrize("left_in", sorted(GUARD_STEPS))
 @pytest.mark.parametrize("manager", MANAGERS)
 def test_a_guard_started_again_rolls_back_and_does_not_reject(tmp_path, procs, left_in, manager):

@@ -215,7 +215,9 @@ class Guard:
                 self.fx.run(["systemctl", "reset-failed", "elkeid-agent.service"], 30)
                 self.fx.systemctl("restart", "elkeid-agent.service", timeout=RESTART_TIMEOUT)
             elif row.manager == "sysvinit":
-                self._ctl("restart")
+                code = self._ctl("restart")
+                if code != 0:
+                    raise InstallError("elkeidctl restart exited with %d" % code)
             else:
                 # Started by hand before, so its console is gone: its
                 # stdout/stderr go to a file beside the agent's log.
