@@ -34,6 +34,7 @@ from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.services.config import ServiceSpec, UpdatePolicy
 from elkeid_agent.settings import Settings
 from elkeid_agent.state import AgentState
+from elkeid_agent.update import guard as guard_module
 from elkeid_agent.update import offer as offers
 from elkeid_agent.update.guard import Guard, prune
 from elkeid_agent.update.journal import FINAL, SCHEMA_VERSION, STATES, Journal, JournalError
@@ -1292,6 +1293,24 @@ def test_a_healthy_trial_succeeds(tmp_path, procs, install, manager):
         [os.path.basename(u.backup), "elkeid-agent_0.9.0_20240101000000_3.bak",
          "somebody-elses.bak"] + kept)
     assert u.agent.poll() is None   # nobody stopped the agent
+
+
+def test_a_package_kept_across_file_systems_is_copied(tmp_path, procs, monkeypatch):
+    u = guarded(tmp_path, procs, "deb", "systemd")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if src == u.package:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+        return real_replace(src, dst)
+    monkeypatch.setattr(guard_module.os, "replace", replace)
+    u.healthy_after(5)
+    assert u.run() == 0
+    kept = u.row.context["installed_package"]
+    assert kept == os.path.join(u.backup_dir, "elkeid-agent_2.0.0.deb")
+    with open(kept, "rb") as f:
+        assert f.read() == u.NEW
+    assert not os.path.exists(u.package)
 
 
 @pytest.mark.parametrize("manager, failure, reason", [

@@ -157,11 +157,16 @@ class Guard:
                                                                          row.install))
             try:
                 os.replace(row.package, kept)
-            except OSError as e:
-                log.warning("cannot keep the installed package for rollbacks: %s", e)
-                kept = ""
-        else:
-            _unlink(row.package)
+            except OSError:
+                # The download and backup directories may be on two file
+                # systems (each is a setting): copy where a rename cannot.
+                try:
+                    self.fx.copy_file(row.package, kept)
+                except OSError as e:
+                    log.warning("cannot keep the installed package for rollbacks: %s",
+                                error_text(e))
+                    kept = ""
+        _unlink(row.package)
         ctx["installed_package"] = kept
         self.journal.move(self.uid, "succeeded", "healthy for the whole trial", context=ctx)
         log.info("update %d: %s -> %s succeeded", self.uid, row.from_version, row.to_version)
