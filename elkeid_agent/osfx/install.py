@@ -6,7 +6,8 @@ through ``InstallEffects``; this file is what a reviewer reads to know what
 an update may do: run ``dpkg``/``dpkg-deb``/``dpkg-query``, ``rpm``,
 ``systemctl``, ``systemd-run``; copy and rename files in the agent's own
 directories; start the guard and (where no service manager runs the agent)
-the agent itself.
+the agent itself; under sysvinit run ``elkeidctl restart``, read the
+agent's pid file and move the guard out of the agent's cgroups.
 """
 
 import json
@@ -20,6 +21,12 @@ from .services import SAFE_PATH, ServiceProcessEffects, process_state
 SERVICE = "elkeid-agent.service"
 META = "elkeid_zipapp.json"
 _CHUNK = 1 << 20
+
+
+def staging_path(dst):
+    """Where ``copy_file`` writes ``dst`` before renaming it into place (a
+    killed copy leaves it behind)."""
+    return dst + ".part"
 
 
 class InstallError(Exception):
@@ -136,7 +143,7 @@ class InstallEffects:
 
     def copy_file(self, src, dst, mode=0o600):
         """Copy with fsync; OSError (ENOSPC ...) leaves no partial ``dst``."""
-        tmp = dst + ".part"
+        tmp = staging_path(dst)
         try:
             with open(src, "rb") as fin:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -200,6 +207,27 @@ class InstallEffects:
         props = self.processes.unit_properties(
             SERVICE, ["MainPID", "ActiveState", "SubState", "NRestarts", "ExecMainStatus"])
         return props
+
+    # ------------------------------------------------------------ sysvinit
+
+    def ctl(self, workdir, action):
+        """``elkeidctl --workdir WORKDIR ACTION`` run in this process (the
+        guard restarts a sysvinit agent the way an operator would); its
+        exit code."""
+        from ..ctl import main as ctl_main
+        return ctl_main(["--workdir", workdir, action])
+
+    def pidfile_holder(self, path):
+        """pid of the live process holding the agent's pid file, else None."""
+        from .service import ServiceEffects
+        return ServiceEffects().pidfile_holder(path)
+
+    def leave_agent_cgroup(self, pid, warn):
+        """Move ``pid`` out of the sysvinit agent's cgroups (a guard must
+        outlive the agent's stop)."""
+        from ..ctl.cgroups import AgentCgroup
+        from .service import ServiceEffects
+        AgentCgroup(ServiceEffects()).release(pid, warn)
 
     def spawn_detached(self, argv, cwd, env, log_path, manager, unit=""):
         """Start ``argv`` so that it outlives the agent: a transient unit

@@ -73,7 +73,10 @@ class Guard:
         self.journal.set(self.uid, guard_pid=os.getpid(),
                          guard_start=proc_start_ticks(os.getpid()) or 0)
         if row.manager == "sysvinit":
-            self._leave_agent_cgroup()
+            try:
+                self.fx.leave_agent_cgroup(os.getpid(), log.warning)
+            except Exception as e:  # no cgroups here: nothing to leave
+                log.warning("could not leave the agent's cgroup: %s", e)
         if row.state == "handed_over":
             return self.update(row)
         return self.rollback(row, "the update guard stopped during %s (host reboot or kill); "
@@ -127,7 +130,7 @@ class Guard:
                                                       now.get("ExecMainStatus")))
             return same
         if row.manager == "sysvinit":
-            code = self._ctl(row, "restart")
+            code = self._ctl("restart")
             if code != 0:
                 raise TrialFailed("the new version did not start (elkeidctl restart: %d)" % code)
             holder = self._pidfile_holder(ctx)
@@ -171,11 +174,16 @@ class Guard:
                                                                          row.install))
             try:
                 os.replace(row.package, kept)
-            except OSError as e:
-                log.warning("cannot keep the installed package for rollbacks: %s", e)
-                kept = ""
-        else:
-            _unlink(row.package)
+            except OSError:
+                # The download and backup directories may be on two file
+                # systems (each is a setting): copy where a rename cannot.
+                try:
+                    self.fx.copy_file(row.package, kept)
+                except OSError as e:
+                    log.warning("cannot keep the installed package for rollbacks: %s",
+                                error_text(e))
+                    kept = ""
+        _unlink(row.package)
         ctx["installed_package"] = kept
         self.journal.move(self.uid, "succeeded", "healthy for the whole trial", context=ctx)
         log.info("update %d: %s -> %s succeeded", self.uid, row.from_version, row.to_version)
@@ -229,7 +237,9 @@ class Guard:
                 self.fx.run(["systemctl", "reset-failed", "elkeid-agent.service"], 30)
                 self.fx.systemctl("restart", "elkeid-agent.service", timeout=RESTART_TIMEOUT)
             elif row.manager == "sysvinit":
-                self._ctl(row, "restart")
+                code = self._ctl("restart")
+                if code != 0:
+                    raise InstallError("elkeidctl restart exited with %d" % code)
             else:
                 # Started by hand before, so its console is gone: its
                 # stdout/stderr go to a file beside the agent's log.
@@ -244,22 +254,11 @@ class Guard:
 
     # ------------------------------------------------------------ sysvinit
 
-    def _ctl(self, row, action):
-        from ..ctl import main as ctl_main
-        workdir = os.path.dirname(self.journal.dir)
-        return ctl_main(["--workdir", workdir, action])
+    def _ctl(self, action):
+        return self.fx.ctl(os.path.dirname(self.journal.dir), action)
 
     def _pidfile_holder(self, ctx):
-        from ..osfx.service import ServiceEffects
-        return ServiceEffects().pidfile_holder(ctx.get("pidfile", "/var/run/elkeid-agent.pid"))
-
-    def _leave_agent_cgroup(self):
-        try:
-            from ..ctl.cgroups import AgentCgroup
-            from ..osfx.service import ServiceEffects
-            AgentCgroup(ServiceEffects()).release(os.getpid(), log.warning)
-        except Exception as e:  # no cgroups here: nothing to leave
-            log.warning("could not leave the agent's cgroup: %s", e)
+        return self.fx.pidfile_holder(ctx.get("pidfile", "/var/run/elkeid-agent.pid"))
 
 
 def restore_package(fx, row):

@@ -21,6 +21,7 @@ again while the server keeps offering them, until it offers another
 version or an operator clears them (``elkeidctl update --clear``).
 """
 
+import functools
 import json
 import os
 import sqlite3
@@ -50,7 +51,20 @@ _COLUMNS = ("id", "component", "from_version", "to_version", "kind", "install", 
 
 
 class JournalError(Exception):
-    pass
+    """The journal cannot be read or written (a corrupt or locked file, a
+    full disk, a refused transition); callers catch this one type."""
+
+
+def _journal_errors(method):
+    """sqlite3's errors (a page that is not a database, a lock held past the
+    busy timeout, a full disk) come out as JournalError."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise JournalError("update journal %s: %s" % (self.path, e)) from None
+    return wrapper
 
 
 class Update:
@@ -96,7 +110,7 @@ class Journal:
             self.db.row_factory = sqlite3.Row
             if not readonly:
                 self._schema()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise JournalError("update journal %s: %s" % (self.path, e)) from None
 
     def close(self):
@@ -131,6 +145,7 @@ class Journal:
 
     # ------------------------------------------------------------ rows
 
+    @_journal_errors
     def begin(self, component, from_version, to_version, state="downloading", **fields):
         now = self.clock()
         fields.setdefault("context", {})
@@ -151,6 +166,7 @@ class Journal:
                 self.db.execute("UPDATE updates SET finished=? WHERE id=?", (now, uid))
         return uid
 
+    @_journal_errors
     def move(self, uid, state, reason=None, **fields):
         """Move row ``uid`` to ``state`` (only along the machine's edges);
         ``fields`` are set in the same transaction."""
@@ -167,6 +183,7 @@ class Journal:
                                 **({"finished": now} if state in FINAL else {})))
             self._event(uid, now, state, reason or "")
 
+    @_journal_errors
     def set(self, uid, **fields):
         with self._tx():
             self._set(uid, dict(fields, updated=self.clock()))
@@ -187,10 +204,12 @@ class Journal:
     def _tx(self):
         return _Transaction(self.db)
 
+    @_journal_errors
     def get(self, uid):
         row = self.db.execute("SELECT * FROM updates WHERE id=?", (uid,)).fetchone()
         return Update(row) if row is not None else None
 
+    @_journal_errors
     def in_flight(self, component=None):
         """Rows not in a final state, oldest first."""
         q = "SELECT * FROM updates WHERE state NOT IN (%s)" % ",".join("?" * len(FINAL))
@@ -200,6 +219,7 @@ class Journal:
             args.append(component)
         return [Update(r) for r in self.db.execute(q + " ORDER BY id", args)]
 
+    @_journal_errors
     def history(self, limit=50, component=None):
         q, args = "SELECT * FROM updates", []
         if component is not None:
@@ -208,19 +228,23 @@ class Journal:
         rows = self.db.execute(q + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
         return [Update(r) for r in reversed(rows)]
 
+    @_journal_errors
     def events(self, uid):
         return [dict(r) for r in self.db.execute(
             "SELECT at, state, note FROM events WHERE update_id=? ORDER BY rowid", (uid,))]
 
+    @_journal_errors
     def unreported(self):
         q = ("SELECT * FROM updates WHERE reported=0 AND state IN (%s) ORDER BY id"
              % ",".join("?" * len(FINAL)))
         return [Update(r) for r in self.db.execute(q, list(FINAL))]
 
+    @_journal_errors
     def mark_reported(self, uid):
         with self._tx():
             self.db.execute("UPDATE updates SET reported=1 WHERE id=?", (uid,))
 
+    @_journal_errors
     def last_succeeded(self, component):
         row = self.db.execute("SELECT * FROM updates WHERE component=? AND state='succeeded' "
                               "ORDER BY id DESC LIMIT 1", (component,)).fetchone()
@@ -228,16 +252,19 @@ class Journal:
 
     # ------------------------------------------------------------ rejected versions
 
+    @_journal_errors
     def reject(self, component, version, sha256, reason):
         with self._tx():
             self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?,?,?,?,?)",
                             (component, version, sha256, reason, self.clock()))
 
+    @_journal_errors
     def rejected(self, component, version):
         row = self.db.execute("SELECT * FROM rejected WHERE component=? AND version=?",
                               (component, version)).fetchone()
         return dict(row) if row is not None else None
 
+    @_journal_errors
     def forget_rejections(self, component, except_version=None):
         """The server offers another version: earlier refusals lapse."""
         with self._tx():
@@ -248,6 +275,7 @@ class Journal:
                                       (component, except_version))
             return cur.rowcount
 
+    @_journal_errors
     def all_rejected(self):
         return [dict(r) for r in self.db.execute("SELECT * FROM rejected ORDER BY at")]
 
@@ -260,4 +288,10 @@ class _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind, exc, tb):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            self.db.execute("COMMIT")
+            return
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite rolled back already (a full disk): the first error is the one to tell

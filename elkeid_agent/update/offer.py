@@ -32,10 +32,11 @@ KINDS = ("deb", "rpm", "pyz")
 # How each way of installing the agent can be updated.
 ACCEPTS = {"pyz": ("pyz",), "deb": ("deb",), "rpm": ("rpm",)}
 MAX_SIGNATURE_TEXT = 16384
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_:-]{0,63}$")
+# Whole strings (fullmatch): "$" alone would let a trailing newline through.
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_:-]{0,63}")
 # The agent's name or a local service id (services/config.py's rule).
-_COMPONENT = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]{0,63}$")
+_COMPONENT = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,63}")
 
 
 class OfferError(ValueError):
@@ -57,11 +58,11 @@ class Offer:
 
 
 def _check_common(component, version, sha256, urls, kind):
-    if not _COMPONENT.match(component or ""):
+    if not _COMPONENT.fullmatch(component or ""):
         raise OfferError("component %r is not a valid name" % (component,))
-    if not _VERSION.match(version or ""):
+    if not _VERSION.fullmatch(version or ""):
         raise OfferError("version %r is not a version string" % (version,))
-    if not _HEX64.match(sha256 or ""):
+    if not _HEX64.fullmatch(sha256 or ""):
         raise OfferError("sha256 %r is not 64 hex digits" % (sha256,))
     if kind and kind not in KINDS:
         raise OfferError("type %r is not one of %s (or empty)" % (kind, ", ".join(KINDS)))

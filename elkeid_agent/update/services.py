@@ -203,14 +203,16 @@ class ServiceUpdater(UpdaterBase):
         await self.executors.run("update", _fetch, off, dest, paths)
         journal.move(uid, "verifying")
         await self.executors.run("update", self._verify, off, dest, policy)
-        journal.move(uid, "backing_up")
         backup = os.path.join(paths.backup_dir, backup_name(off.component, self.clock()))
+        # Named before it is written: a kill while copying leaves a row that
+        # says which (partial) file to remove.
+        journal.move(uid, "backing_up", backup=backup)
         try:
             await self.executors.run("update", self.fx.copy_file, binary, backup, 0o700)
         except OSError as e:
             raise InstallError("backup of %s to %s failed: %s"
                                % (binary, paths.backup_dir, e.strerror or e)) from None
-        journal.move(uid, "switching", backup=backup)
+        journal.move(uid, "switching")
         return dest
 
     def _verify(self, off, dest, policy):

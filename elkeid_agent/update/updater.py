@@ -27,7 +27,7 @@ import time
 
 from .. import __version__
 from ..osfx import proc_start_ticks
-from ..osfx.install import InstallEffects, InstallError, running
+from ..osfx.install import InstallEffects, InstallError, running, staging_path
 from . import offer as offers
 from .journal import Journal, JournalError
 from .verify import PublicKey, VerifyError, check_size
@@ -98,13 +98,11 @@ def download_offer(off, dest):
 BEFORE_SWITCH = ("downloading", "verifying", "backing_up")
 
 
-def interrupt(journal, row):
+def interrupt(journal, row, reason=""):
     """Close a row a killed agent left before anything was switched: it
     becomes ``interrupted`` and its download and backup are removed."""
-    journal.move(row.id, "interrupted", "the agent stopped during %s" % row.state)
-    _remove_quietly(row.package)
-    if row.backup:
-        _remove_quietly(row.backup)
+    journal.move(row.id, "interrupted", reason or "the agent stopped during %s" % row.state)
+    remove_update_files(row)
     log.warning("update %d of %s to %s was interrupted during %s", row.id, row.component,
                 row.to_version, row.state)
 
@@ -170,10 +168,13 @@ class AgentUpdater(UpdaterBase):
         for note in off.notes:
             log.warning("update offer %s: %s", off.version, note)
         try:
-            self.journal.forget_rejections(off.component, except_version=off.version)
-            rejected = self.journal.rejected(off.component, off.version)
-        except (JournalError, OSError, Exception) as e:  # sqlite3.Error included
+            return self._consider(off)
+        except JournalError as e:  # every journal step, not only the first
             return self._refuse_offer(off.version, "update journal unusable: %s" % e)
+
+    def _consider(self, off):
+        self.journal.forget_rejections(off.component, except_version=off.version)
+        rejected = self.journal.rejected(off.component, off.version)
         if rejected:
             self.metrics.inc("update_offers_skipped", reason="rejected")
             self.state.set_abnormal(
@@ -252,12 +253,12 @@ class AgentUpdater(UpdaterBase):
         from .trial import report
         self.metrics.inc("update_failed")
         try:
-            row = self.journal.get(uid)
-            _remove_quietly(row.package)
-            if row.backup:
-                _remove_quietly(row.backup)
+            # The move first: once a guard has taken the row past handed_over
+            # it is refused, and the package and backup stay the guard's.
             self.journal.move(uid, "failed", why)
-            report(self.journal, self.journal.get(uid), self.emit, self.state)
+            row = self.journal.get(uid)
+            remove_update_files(row)
+            report(self.journal, row, self.emit, self.state)
         except JournalError as e:
             log.error("update journal: %s", e)
         log.error("update failed: %s", why)
@@ -273,12 +274,15 @@ class AgentUpdater(UpdaterBase):
         self.journal.move(uid, "verifying")
         kind, facts = await run("update", self._verify, off, dest, url)
         self.journal.set(uid, kind=kind)
-        self.journal.move(uid, "backing_up")
+        # Named before it is written: an agent killed while copying leaves
+        # a row that says which (partial) file to remove.
+        backup = self._backup_path(paths, uid)
+        self.journal.move(uid, "backing_up", backup=backup)
         # The journal is the loop's (an sqlite3 connection stays in its thread).
         last = self.journal.last_succeeded(offers.AGENT)
         kept = last.context.get("installed_package", "") \
             if last is not None and last.to_version == __version__ else ""
-        backup, backup_pkg = await run("update", self._backup, paths, uid, kind, kept)
+        backup_pkg = await run("update", self._backup, backup, paths, kind, kept)
         deadline_after = self.policy().verify_timeout
         ctx = {"target": self.archive, "python": sys.executable, "argv": sys.argv[1:],
                "cwd": os.getcwd(), "env": _agent_env(), "agent_pid": os.getpid(),
@@ -286,8 +290,7 @@ class AgentUpdater(UpdaterBase):
                "facts": facts, "allow_downgrade": off.allow_downgrade,
                "backup_dir": paths.backup_dir, "max_backups": self.policy().max_backups,
                "service_type": self.settings.service_type, "pidfile": self.settings.pidfile}
-        self.journal.move(uid, "handed_over", backup=backup, backup_package=backup_pkg,
-                          context=ctx)
+        self.journal.move(uid, "handed_over", backup_package=backup_pkg, context=ctx)
         await run("update", self._spawn_guard, uid, backup, paths)
         log.info("update to %s handed over to the guard (backup %s)", off.version, backup)
         if self.manager() == "none":
@@ -335,22 +338,21 @@ class AgentUpdater(UpdaterBase):
             raise VerifyError("the package is for %s, this host is %s" % (facts["arch"], want_arch))
         return kind, facts
 
-    def _backup(self, paths, uid, kind, kept):
-        """Copy the running file (and the package it was installed from,
-        when it is at hand) into the backup directory. Disk full: OSError,
-        nothing switched."""
+    def _backup_path(self, paths, uid):
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.clock()))
-        backup = os.path.join(paths.backup_dir, "elkeid-agent_%s_%s_%d.bak"
-                              % (__version__, stamp, uid))
+        return os.path.join(paths.backup_dir, "elkeid-agent_%s_%s_%d.bak"
+                            % (__version__, stamp, uid))
+
+    def _backup(self, backup, paths, kind, kept):
+        """Copy the running file to ``backup``; the package file it was
+        installed from, when it is at hand ('' if not). Disk full:
+        InstallError, nothing switched."""
         try:
             self.fx.copy_file(self.archive, backup, 0o700)
         except OSError as e:
             raise InstallError("backup of %s to %s failed: %s"
                                % (self.archive, paths.backup_dir, e.strerror or e)) from None
-        package = ""
-        if kind in ("deb", "rpm"):
-            package = self._current_package(kind, kept)
-        return backup, package
+        return self._current_package(kind, kept) if kind in ("deb", "rpm") else ""
 
     def _current_package(self, kind, kept):
         """The package file the running version was installed from: ``kept``
@@ -415,31 +417,39 @@ class AgentUpdater(UpdaterBase):
             self.state.set_abnormal("update", "update journal unusable: %s" % e)
             return
         for row in rows:
-            if row.state in BEFORE_SWITCH:
-                interrupt(self.journal, row)
-                continue
-            if guard_alive(row):
-                continue
-            if row.state == "handed_over" and (not row.guard_pid and
-                                               self.clock() - row.updated < HANDOVER_GRACE):
-                continue  # the guard is starting
-            if row.state == "handed_over":
-                self.journal.move(row.id, "interrupted", "the update guard never took over")
-                continue
-            log.warning("update %d to %s: its guard is gone during %s; starting a guard to "
-                        "roll it back", row.id, row.to_version, row.state)
-            # The agent to replace is this one now (no manager: the guard
-            # stops it and starts the restored version the way it was run).
-            self.journal.set(row.id, context=dict(
-                row.context, agent_pid=os.getpid(), agent_start=proc_start_ticks(os.getpid()),
-                argv=sys.argv[1:], cwd=os.getcwd(), env=_agent_env()))
             try:
-                self._spawn_guard(row.id, row.backup, UpdatePaths(self.settings.workdir,
-                                                                  self.policy() or _NoPolicy))
-            except (OSError, InstallError) as e:
-                log.error("cannot start the update guard: %s", e)
-                self.state.set_abnormal("update", "update %d to %s: guard gone and cannot be "
-                                        "restarted: %s" % (row.id, row.to_version, e))
+                self._recover_row(row)
+            except JournalError as e:  # locked, or moved on meanwhile: the next start
+                log.error("update %d: %s", row.id, e)
+                self.state.set_abnormal("update", "update %d to %s not recovered: %s"
+                                        % (row.id, row.to_version, e))
+
+    def _recover_row(self, row):
+        if row.state in BEFORE_SWITCH:
+            interrupt(self.journal, row)
+            return
+        if guard_alive(row):
+            return
+        if row.state == "handed_over" and (not row.guard_pid and
+                                           self.clock() - row.updated < HANDOVER_GRACE):
+            return  # the guard is starting
+        if row.state == "handed_over":
+            interrupt(self.journal, row, "the update guard never took over")
+            return
+        log.warning("update %d to %s: its guard is gone during %s; starting a guard to "
+                    "roll it back", row.id, row.to_version, row.state)
+        # The agent to replace is this one now (no manager: the guard
+        # stops it and starts the restored version the way it was run).
+        self.journal.set(row.id, context=dict(
+            row.context, agent_pid=os.getpid(), agent_start=proc_start_ticks(os.getpid()),
+            argv=sys.argv[1:], cwd=os.getcwd(), env=_agent_env()))
+        try:
+            self._spawn_guard(row.id, row.backup, UpdatePaths(self.settings.workdir,
+                                                              self.policy() or _NoPolicy))
+        except (OSError, InstallError) as e:
+            log.error("cannot start the update guard: %s", e)
+            self.state.set_abnormal("update", "update %d to %s: guard gone and cannot be "
+                                    "restarted: %s" % (row.id, row.to_version, e))
 
 
 class _NoPolicy:
@@ -459,6 +469,13 @@ def _reason(e):
     if isinstance(e, OSError) and e.strerror:
         return "%s%s" % (e.strerror, " (%s)" % e.filename if e.filename else "")
     return str(e)
+
+
+def remove_update_files(row):
+    """The download and backup of an update that switched nothing (and a
+    backup copy a kill cut short)."""
+    for path in (row.package, row.backup, staging_path(row.backup) if row.backup else ""):
+        _remove_quietly(path)
 
 
 def _remove_quietly(path):

@@ -42,13 +42,13 @@ def check_hash(path, want):
 
 def _crypto():
     try:
-        from cryptography.exceptions import InvalidSignature
+        from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
     except ImportError as e:
         raise VerifyError("a public key is configured but signatures cannot be checked: "
                           "the cryptography module is unavailable (%s); refusing" % e) from None
-    return InvalidSignature, hashes, serialization, ed25519, padding, rsa
+    return InvalidSignature, UnsupportedAlgorithm, hashes, serialization, ed25519, padding, rsa
 
 
 class PublicKey:
@@ -56,7 +56,7 @@ class PublicKey:
 
     def __init__(self, path):
         self.path = path
-        _inv, _h, serialization, ed25519, _p, rsa = _crypto()
+        _inv, unsupported, _h, serialization, ed25519, _p, rsa = _crypto()
         try:
             with open(path, "rb") as f:
                 pem = f.read(65536)
@@ -67,6 +67,9 @@ class PublicKey:
             self.key = serialization.load_pem_public_key(pem)
         except (ValueError, TypeError) as e:
             raise VerifyError("update public key %s is not a PEM public key: %s" % (path, e)) \
+                from None
+        except unsupported as e:  # a curve or algorithm cryptography does not support
+            raise VerifyError("update public key %s: %s; use Ed25519 or RSA" % (path, e)) \
                 from None
         if isinstance(self.key, ed25519.Ed25519PublicKey):
             self.kind, self.sig_len = "ed25519", 64
@@ -94,7 +97,7 @@ class PublicKey:
 
     def verify(self, path, blob):
         """Raise VerifyError unless ``blob`` signs the bytes of ``path``."""
-        InvalidSignature, hashes, _s, _e, padding, _r = _crypto()
+        InvalidSignature, _u, hashes, _s, _e, padding, _r = _crypto()
         sig = self.decode(blob)
         with open(path, "rb") as f:
             data = f.read()
