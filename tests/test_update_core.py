@@ -1190,9 +1190,15 @@ class GuardedUpdate:
         return states(self.j, self.uid)
 
     def healthy_after(self, seconds):
-        self.clock.at(seconds, lambda: self.j.set(self.uid, healthy_at=self.clock.t,
-                                                  new_pid=self.new.pid,
-                                                  new_start=self.new.start))
+        self.clock.at(seconds, self._healthy)
+
+    def _healthy(self):
+        if self.manager == "none":
+            # The old agent marks the re-exec first (updater._wait_for_switch).
+            row = self.j.get(self.uid)
+            self.j.set(self.uid, context=dict(row.context, reexec_at=self.clock.t))
+        self.j.set(self.uid, healthy_at=self.clock.t, new_pid=self.new.pid,
+                   new_start=self.new.start)
 
     def run(self):
         return Guard(self.j, self.uid, fx=self.fx, clock=self.clock,
@@ -1352,6 +1358,14 @@ def test_the_new_version_exiting_mid_trial_rolls_back(tmp_path, procs, manager, 
     assert u.fx.calls == u.leave_cgroup() + u.switch() + u.start_new() + u.restore() + \
         u.start_old()
     assert u.clock.t < T0 + 30   # it did not wait for the deadline
+
+
+def test_the_old_agent_dying_before_its_reexec_is_not_the_new_versions_fault(tmp_path, procs):
+    u = guarded(tmp_path, procs, "pyz", "none")
+    u.clock.at(3, u.agent.end)   # no re-exec mark: killed while shutting down for it
+    assert u.run() == 0
+    u.assert_rolled_back("the old agent exited before it re-executed the new version",
+                         rejected=False)
 
 
 @pytest.mark.parametrize("manager", MANAGERS)
