@@ -130,6 +130,14 @@ def test_duplicate_ids_missing_keys_and_duplicate_yaml_keys(binary):
     assert found == [("D1002", "", 2)] and "duplicate key 'agents'" in full[0].message
 
 
+def test_an_id_ending_in_a_newline_is_refused(binary):
+    # A "$" anchor matches before a final newline: the id would name a unit,
+    # a work directory and a journal component with a newline in it.
+    found, full = problems('agents:\n  - {id: "a\\n", type: custom, binary_path: %s}\n'
+                           % binary)
+    assert [f[:2] for f in found] == [("D1002", "agents[0].id")], full
+
+
 def test_a_binary_that_cannot_run_is_a_start_problem_not_a_file_problem(tmp_path):
     path = tmp_path / "noexec"
     path.write_text("x")

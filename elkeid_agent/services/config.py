@@ -559,7 +559,7 @@ def _choice(v, choices):
 
 
 def _service_id(v):
-    if not isinstance(v, str) or not _ID.match(v):
+    if not isinstance(v, str) or not _ID.fullmatch(v):
         raise ValueError("%r is not a service id (letters, digits, '_', '.', '-'; at most 64)"
                          % (v,))
     return v

@@ -99,21 +99,26 @@ class PublicKey:
         """Raise VerifyError unless ``blob`` signs the bytes of ``path``."""
         InvalidSignature, _u, hashes, _s, _e, padding, _r = _crypto()
         sig = self.decode(blob)
-        with open(path, "rb") as f:
-            data = f.read()
         if self.kind == "ed25519":
+            # Ed25519 signs the message itself (no pre-hash): read it whole.
+            with open(path, "rb") as f:
+                data = f.read()
             try:
                 self.key.verify(sig, data)
                 return "ed25519"
             except InvalidSignature:
                 raise VerifyError("bad signature: the Ed25519 signature does not match "
                                   "the download and key %s" % self.path) from None
+        # RSA signs a SHA-256 digest: hash in chunks, so a large package never
+        # has to fit in the agent's memory limit.
+        from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+        data = bytes.fromhex(file_sha256(path))
         schemes = (("pkcs1v15", padding.PKCS1v15()),
                    ("pss", padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
                                        salt_length=padding.PSS.AUTO)))
         for name, pad in schemes:
             try:
-                self.key.verify(sig, data, pad, hashes.SHA256())
+                self.key.verify(sig, data, pad, Prehashed(hashes.SHA256()))
                 return "rsa-" + name
             except InvalidSignature:
                 continue
