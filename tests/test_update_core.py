@@ -61,6 +61,15 @@ def config(**fields):
     return grpc_pb2.Config(**base)
 
 
+def test_a_tilde_marks_a_pre_release():
+    from elkeid_agent.update.offer import compare_versions
+    assert compare_versions("1.0~rc1", "1.0") < 0
+    assert compare_versions("1.0~rc2", "1.0~rc1") > 0
+    assert compare_versions("1.0.1~rc1", "1.0") > 0
+    assert compare_versions("1.0rc1", "1.0") > 0
+    assert compare_versions("1.0", "1.0") == 0
+
+
 def test_a_config_offer_keeps_what_it_says():
     off = offers.from_config(config(type=" PYZ ", sha256="AB" * 32,
                                     download_urls=["https://a/x.pyz", "http://b/x.pyz"]))

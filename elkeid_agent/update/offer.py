@@ -15,8 +15,9 @@ Two sources, one ``Offer``:
 
 Versions compare piecewise: the text is split into runs of digits and runs
 of letters (everything else separates); numbers compare as numbers and
-rank below words, so ``1.10 > 1.9`` and ``1.0 > 1.0.rc1``'s ``rc`` piece is
-compared as text. An offer older than the running version is refused
+rank below words, so ``1.10 > 1.9``; a longer version with the same start
+is newer (``1.0.1 > 1.0``). A pre-release is marked as Debian marks it,
+with ``~``: ``1.0~rc1 < 1.0`` (whereas ``1.0rc1 > 1.0``). An offer older than the running version is refused
 unless it says ``allow_downgrade``; the same version is no update at all.
 """
 
@@ -136,10 +137,16 @@ def from_update_request(data, token=""):
 _PIECE = re.compile(r"\d+|[A-Za-z]+")
 
 
+def _pieces(text):
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p.lower())
+                 for p in _PIECE.findall(text))
+
+
 def version_key(version):
     """Sort key of a version string (module docstring)."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p.lower())
-                 for p in _PIECE.findall(version or ""))
+    main, tilde, pre = (version or "").partition("~")
+    # Anything after "~" sorts before the version without it.
+    return (_pieces(main), (0, version_key(pre)) if tilde else (1,))
 
 
 def compare_versions(a, b):
