@@ -104,7 +104,10 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
 # System tools some tests use: debootstrap (the Debian chroot and
 # live-systemd install tests), systemd-nspawn (live-systemd), rpm (rpm -qpl
 # and scriptlets), systemd-analyze (unit check), prometheus-node-exporter
-# (host metrics cross-check and the services supervisor's tests). Installed
+# (host metrics cross-check and the services supervisor's tests), nft and
+# ip (the fault suite's blackhole: nftables rules in network namespaces
+# joined by a veth pair), unshare and nsenter (util-linux, for the agent in
+# a mount namespace of its own). Installed
 # only when missing and only as root with apt-get; elsewhere those tests say
 # what they lack (in CI, CI=true, they fail instead). apt waits for a dpkg
 # lock another process holds and is quiet unless it fails.
@@ -115,6 +118,9 @@ system_tools() {
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     command -v prometheus-node-exporter >/dev/null 2>&1 || missing+=(prometheus-node-exporter)
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    { command -v unshare && command -v nsenter; } >/dev/null 2>&1 || missing+=(util-linux)
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${missing[*]} for the tests"
         log=$(mktemp "${TMPDIR:-/tmp}/elkeid-apt-get.XXXXXX.log") || die "mktemp failed"

@@ -107,11 +107,15 @@ def unwrap(body, key):
 
 
 class DevCenterProc:
-    def __init__(self, base, certs=None, store="full", extra_args=(), die_with_parent=False):
+    def __init__(self, base, certs=None, store="full", extra_args=(), die_with_parent=False,
+                 db=None):
+        """``db``: the database (and, in seq mode, the sequence log next to
+        it) of an earlier devcenter to go on with; default a new one in
+        ``base``, which holds this process's stderr and uploads either way."""
         self.base = str(base)
         os.makedirs(self.base, exist_ok=True)
         self.certs = certs or os.path.join(self.base, "certs")
-        self.db = os.path.join(self.base, "dc.db")
+        self.db = str(db) if db else os.path.join(self.base, "dc.db")
         self.uploads = os.path.join(self.base, "uploads")
         args = [PY, "-m", "elkeid_devtools.devcenter", "--grpc", "127.0.0.1:0",
                 "--http", "127.0.0.1:0", "--certs", self.certs, "--db", self.db,

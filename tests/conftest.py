@@ -35,3 +35,12 @@ def start_agent(tmp_path, devcenter):
     for a in agents:
         if a.alive:
             a.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault cases' counts (tests/test_faults.py), when any ran."""
+    faults = sys.modules.get("fault_harness")
+    if faults is not None and faults.REPORTS:
+        terminalreporter.write_sep("-", "fault cases: records by sequence number")
+        for line in faults.report_lines():
+            terminalreporter.write_line(line)

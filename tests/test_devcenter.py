@@ -374,6 +374,87 @@ def test_wait_for_records_times_out_with_a_message(tmp_path):
     run(main())
 
 
+def seq_record(run, seq, data_type=7400):
+    return wire.encode_record(data_type, 1, {"run": run, "seq": str(seq), "pad": "p"})
+
+
+def test_seq_mode_counts_unique_duplicate_and_missing_numbers(tmp_path):
+    async def main():
+        async with devcenter(tmp_path, store_mode="seq") as dc:
+            agent = FakeAgent(dc)
+            # 0..99 of run r1, then 50..149 again (50 duplicates), with a
+            # hole at 120..129; run r2 numbered on its own.
+            await agent.send([seq_record("r1", n) for n in range(100)]
+                             + [wire.encode_record(1000, 1, HEARTBEAT)])
+            await agent.send([seq_record("r1", n) for n in range(50, 150) if not 120 <= n < 130]
+                             + [seq_record("r2", n) for n in (0, 2)])
+            # What a peer may send wrongly is counted, not fatal.
+            await agent.send([wire.encode_record(7400, 1, {"seq": "-1"}),
+                              wire.encode_record(7400, 1, {"seq": "12x"}),
+                              wire.encode_record(7400, 1, {"seq": str(1 << 40)}),
+                              wire.encode_record(7400, 1, {"nothing": "numbered"})])
+            assert await dc.wait_for_records(197) == 197
+            status, body = await ahttp(dc, "GET", "/seq")
+            assert status == 200, body
+            assert body["data"]["agents"] == {"agent-1": {
+                "r1": {"unique": 140, "duplicates": 50, "highest": 149, "missing": 10},
+                "r2": {"unique": 2, "duplicates": 0, "highest": 2, "missing": 1}}}
+            assert body["data"]["errors"] == {"seq": 3}
+            status, body = await ahttp(dc, "GET", "/seq?agent_id=nobody")
+            assert status == 200 and body["data"]["agents"] == {}
+            # Still a counts store: no rows.
+            assert dc.store.counts()["agent-1"][7400] == 196
+            status, body = await ahttp(dc, "GET", "/records")
+            assert status == 409
+            await agent.close()
+    run(main())
+    # A devcenter opened on the same data replays the log: the counts
+    # survive a restart (a torn last line, as a SIGKILL mid-write leaves
+    # it, is skipped and counted).
+    with open(str(tmp_path / "dc.db.seq"), "ab") as f:
+        f.write(b'{"a":"agent-1","r":{"r1":[[150,')
+
+    async def again():
+        async with devcenter(tmp_path, store_mode="seq") as dc:
+            agent = FakeAgent(dc)
+            await agent.send([seq_record("r1", n) for n in range(120, 130)])
+            await dc.wait_for_records(197 + 10)  # the counts came back too
+            snap = dc.store.seq.snapshot("agent-1")
+            assert snap["agent-1"]["r1"] == {"unique": 150, "duplicates": 50, "highest": 149,
+                                  "missing": 0}
+            assert dc.store.seq.error_counts() == {"log_line": 1}
+            await agent.close()
+    run(again())
+
+
+def test_seq_endpoint_needs_the_seq_store(tmp_path):
+    async def main():
+        async with devcenter(tmp_path, store_mode="counts") as dc:
+            status, body = await ahttp(dc, "GET", "/seq")
+            assert status == 409 and "--store seq" in body["msg"]
+    run(main())
+
+
+def test_read_rate_makes_a_slow_server(tmp_path):
+    """--read-rate N: a stream is read at N records/s at most, so gRPC flow
+    control holds the sender back (the agent's backpressure test)."""
+    async def main():
+        async with devcenter(tmp_path, store_mode="counts", read_rate=200) as dc:
+            agent = FakeAgent(dc)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for _ in range(3):
+                await agent.send([wire.encode_record(2001, 1, {"a": "b"})] * 100)
+            await dc.wait_for_records(300, timeout=30)
+            # The third message is read only after the first two were paid
+            # for: 200 records at 200/s.
+            assert loop.time() - started >= 1.0
+            await agent.close()
+    run(main())
+    with pytest.raises(ValueError, match="read rate"):
+        DevCenter(grpc_addr="127.0.0.1:0", db_path=str(tmp_path / "x.db"), read_rate=-1)
+
+
 def test_counts_mode_counts_without_rows(tmp_path):
     async def main():
         async with devcenter(tmp_path, store_mode="counts") as dc:

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 10 * 1024 * 1024
 # grpcio can send only these; AgentCenter accepts gzip (docs/protocol.md section 5).
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
+# A keepalive ping unanswered this long ends the connection; with the ping
+# interval (keepalive_seconds) it bounds how long a server that silently
+# stopped answering (a blackhole, not a refusal) goes unnoticed.
+KEEPALIVE_TIMEOUT_SECONDS = 20
 
 
 def identity(b):
@@ -114,7 +118,7 @@ def channel_options(s):
         # AgentCenter disconnects clients pinging more often than every
         # 5 s; ping only every keepalive_seconds and only with a call open.
         ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", 20000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),

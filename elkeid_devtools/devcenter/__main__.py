@@ -41,7 +41,11 @@ def build_parser():
                    help="where uploaded files go (default: 'uploads' next to --db)")
     p.add_argument("--store", choices=MODES, default="full",
                    help="full: every record in SQLite; counts: only count records per "
-                        "agent and data_type (benchmarks)")
+                        "agent and data_type (benchmarks); seq: counts, plus the seq "
+                        "numbers each agent's records carry (GET /seq, fault tests)")
+    p.add_argument("--read-rate", type=float, default=0, metavar="RECORDS_PER_SECOND",
+                   help="read each Transfer stream at most this fast, to test an agent "
+                        "against a slow server (default 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no live summary")
     p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between summary lines (default %(default)s)")
@@ -52,7 +56,8 @@ def build_parser():
 
 async def _serve(args):
     dc = DevCenter(grpc_addr=args.grpc, http_addr=args.http, certs_dir=args.certs,
-                   db_path=args.db, uploads_dir=args.uploads, store_mode=args.store)
+                   db_path=args.db, uploads_dir=args.uploads, store_mode=args.store,
+                   read_rate=args.read_rate)
     await dc.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

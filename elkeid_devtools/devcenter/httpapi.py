@@ -8,8 +8,9 @@ connections runs on the loop through ``run_coroutine_threadsafe``.
 
 Endpoints: ``POST /command/``, ``GET /conn/list``, ``GET /conn/stat``,
 ``GET /conn/count``, ``POST /conn/reset``, ``GET /ping``, ``GET /metrics``,
-``GET /records``, ``GET /uploads``, ``GET /configs``, ``GET /services`` and
-``GET /metrics/host`` (the latest 1020 and 1021 records). JSON answers look like
+``GET /records``, ``GET /uploads``, ``GET /configs``, ``GET /services``,
+``GET /metrics/host`` (the latest 1020 and 1021 records) and ``GET /seq``
+(delivery counts by sequence number, store mode ``seq``). JSON answers look like
 AgentCenter's: ``{"code": 0, "msg": "success", "data": ...}``; errors carry
 ``code`` 1 and a message with the HTTP status 400, 404, 405, 409, 413 or 5xx.
 """
@@ -132,6 +133,7 @@ class HttpApi:
             "/configs": ("GET", self.configs),
             "/services": ("GET", self.services),
             "/metrics/host": ("GET", self.host_metrics),
+            "/seq": ("GET", self.seq),
         }
         if path not in routes:
             raise HttpError(404, "no such endpoint: %s" % path)
@@ -259,6 +261,14 @@ class HttpApi:
             return _ok(self.dc.store.host_metrics(agent_id=_str_param(query, "agent_id")))
         except StoreError as e:
             raise HttpError(409, str(e)) from None
+
+    def seq(self, query, body):
+        counter = self.dc.store.seq
+        if counter is None:
+            raise HttpError(409, "store mode %r counts no seq numbers (run with --store seq)"
+                            % self.dc.store.mode)
+        return _ok({"agents": counter.snapshot(agent_id=_str_param(query, "agent_id")),
+                    "errors": counter.error_counts()})
 
     def uploads(self, query, body):
         return _ok(self.dc.store.uploads(token=_str_param(query, "token")))

@@ -192,14 +192,14 @@ class DevCenter:
     """The development AgentCenter, usable in-process from async tests:
 
     ``dc = DevCenter(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
-    certs_dir=..., db_path=..., uploads_dir=..., store_mode="full")``,
+    certs_dir=..., db_path=..., uploads_dir=..., store_mode="full", read_rate=0)``,
     ``await dc.start()`` ... ``await dc.stop()``. ``http_addr=None`` runs
     without the HTTP API. Certificates are made in ``certs_dir`` when absent.
     """
 
     def __init__(self, grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", certs_dir="certs",
                  db_path="devcenter.db", uploads_dir=None, store_mode="full",
-                 max_upload_bytes=MAX_UPLOAD_BYTES):
+                 max_upload_bytes=MAX_UPLOAD_BYTES, read_rate=0):
         self.grpc_host, self._grpc_port_req = parse_address(grpc_addr)
         self.http_addr = http_addr
         if http_addr is not None:
@@ -210,6 +210,11 @@ class DevCenter:
             uploads_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "uploads")
         self.uploads_dir = uploads_dir
         self.max_upload_bytes = max_upload_bytes
+        if read_rate < 0:
+            raise ValueError("read rate must be >= 0 records/s, got %r" % (read_rate,))
+        # A slow server for backpressure tests: each Transfer stream reads at
+        # most this many records/s (0: as fast as they come).
+        self.read_rate = read_rate
         self.metrics = Registry(prefix="elkeid_devcenter")
         self._describe_metrics()
         self.store = Store(db_path, uploads_dir, store_mode, on_commit=self._on_commit_threadsafe,
@@ -533,7 +538,10 @@ class DevCenter:
     async def _read_stream(self, request_iterator, conn):
         store = self.store
         async for raw in request_iterator:
+            before = conn.records
             self._on_message(conn, raw)
+            if self.read_rate:
+                await asyncio.sleep((conn.records - before) / self.read_rate)
             if store.pending > STORE_HIGH_WATER:
                 await self._wait_until(lambda: True if store.pending <= STORE_LOW_WATER else None, None,
                                        "the store writer")
@@ -569,7 +577,7 @@ class DevCenter:
         self._track_heartbeats(conn, pd, now)
         store = self.store
         store.add_message(pd, raw, now)
-        if store.mode == "counts":
+        if store.counting:
             # Counted synchronously: waiters can look now.
             self._notify()
 

@@ -15,8 +15,12 @@ Store modes:
 * ``counts``: records are only counted per (agent_id, data_type) in memory
   and the totals are written to ``record_counts`` when the store closes. For
   benchmarks, where inserting 300k rows/s would make SQLite the bottleneck.
+* ``seq``: as ``counts``, and the ``seq`` number of every record that has
+  one is counted per agent and producer run (seqcount.py; its log is the
+  database path with ``.seq`` appended). For the fault tests, which count
+  what arrived, twice or never.
 
-Configs and uploads are written in both modes.
+Configs and uploads are written in every mode.
 """
 
 import hashlib
@@ -36,10 +40,11 @@ from elkeid_agent import wire
 from elkeid_agent.errors import WireError
 from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.services import records
+from .seqcount import SeqCounter
 
 log = logging.getLogger("elkeid_devtools.devcenter.store")
 
-MODES = ("full", "counts")
+MODES = ("full", "counts", "seq")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -256,6 +261,9 @@ class Store:
         self.db_path = os.path.abspath(db_path)
         self.uploads_dir = os.path.abspath(uploads_dir)
         self.mode = mode
+        # Only counted, no record rows (counts and seq modes).
+        self.counting = mode != "full"
+        self.seq = SeqCounter(self.db_path + ".seq") if mode == "seq" else None
         # Called on the writer thread after each commit (the devcenter hands
         # it to its loop with call_soon_threadsafe).
         self.on_commit = on_commit
@@ -297,14 +305,24 @@ class Store:
         try:
             self._open_db()
         except sqlite3.Error as e:
-            for db in (self._writer, self._reader):
-                if db is not None:
-                    db.close()
-            self._writer = self._reader = None
+            self._close_dbs()
             raise StoreError("cannot open database %s: %s" % (self.db_path, e)) from None
+        if self.seq is not None:
+            try:
+                self.seq.open()
+            except OSError as e:
+                self._close_dbs()
+                raise StoreError("cannot open the sequence log %s: %s"
+                                 % (self.seq.log_path, e.strerror or e)) from None
         log.debug("store %s opened (%s mode)", self.db_path, self.mode)
         self._thread = threading.Thread(target=self._run, name="devcenter-store", daemon=True)
         self._thread.start()
+
+    def _close_dbs(self):
+        for db in (self._writer, self._reader):
+            if db is not None:
+                db.close()
+        self._writer = self._reader = None
 
     def _open_db(self):
         # Autocommit mode: transactions are explicit BEGIN/COMMIT below.
@@ -332,7 +350,9 @@ class Store:
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
-        if self.mode == "counts":
+        if self.seq is not None:
+            self.seq.close()
+        if self.counting:
             with self._lock:
                 counts = list(self._counts.items())
             self._writer.execute("BEGIN")
@@ -357,10 +377,13 @@ class Store:
 
         Full mode queues it for the writer (Payload decoding happens there,
         off the loop); counts mode counts it right here, which needs only the
-        data_type of each EncodedRecord, already decoded with ``pd``."""
+        data_type of each EncodedRecord, already decoded with ``pd``; seq
+        mode also decodes the Payloads that carry a ``seq`` field."""
         if received_at is None:
             received_at = time.time()
-        if self.mode == "counts":
+        if self.counting:
+            if self.seq is not None:
+                self.seq.add_message(pd)
             types = [r.data_type for r in pd.records]
             agent_id = pd.agent_id
             with self._lock:
