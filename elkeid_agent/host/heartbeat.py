@@ -25,6 +25,13 @@ AGENT_FIELDS = (
     "boot_time", "cpu_usage", "mem_usage")
 
 
+# This agent's additions after Elkeid's fields (docs/protocol.md section 4).
+SPOOL_FIELDS = ("spool_records", "spool_bytes", "spool_oldest_age", "spool_replay_rate",
+                "spool_dropped")
+NO_SPOOL = {"spool_records": "0", "spool_bytes": "0", "spool_oldest_age": "0.00000000",
+            "spool_replay_rate": "0.00000000", "spool_dropped": "0"}
+
+
 def fmt_float(value):
     return "%.8f" % value
 
@@ -86,6 +93,8 @@ class Heartbeat:
         fields["queue_records"] = str(a.queue.count)
         fields["queue_bytes"] = str(a.queue.bytes)
         fields["commands_rejected"] = str(m.total("commands_rejected"))
+        spool = getattr(a, "spool", None)
+        fields.update(spool.heartbeat_fields() if spool is not None else NO_SPOOL)
         return fields
 
     def records(self, now):
