@@ -567,3 +567,35 @@ def test_crc_covers_the_length_field():
     with pytest.raises(CorruptFrame) as e:
         decode_frame(bytes(data)[:-1], c)
     assert e.value.reason == "crc"
+
+
+def test_a_disk_slower_than_the_producers_keeps_the_order_through_memory(tmp_path):
+    """While the I/O thread is stuck, the write backlog fills, the spool
+    refuses, records wait in memory; once it drains they go in first."""
+    import threading
+
+    async def main():
+        m = Registry()
+        s = Spool(str(tmp_path / "spool"), 64 * MiB, m, AgentState(), frame_bytes=16 * 1024,
+                  backlog_bytes=256 * 1024)
+        await s.start()
+        stuck = threading.Event()
+        s._io.submit(stuck.wait)  # a disk that does not answer
+        q = RecordQueue(8 * MiB, m, spool=s)
+        q.outage(True)
+        for i in range(5000):
+            q.put(rec(i))
+        assert not s.available and q.count > 0  # memory holds what the spool refused
+        stuck.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if s.available:
+                break
+        for i in range(5000, 6000):
+            q.put(rec(i))
+        q.outage(False)
+        got = drain_queue(q, 1000)
+        await s.close()
+        return got, m.total("queue_dropped_records") + m.total("spool_dropped_records")
+    got, dropped = asyncio.run(main())
+    assert got == list(range(6000)) and dropped == 0

@@ -120,10 +120,13 @@ class RecordQueue:
         if size > self.max_record_bytes:
             self._drop(1, size, "too_large", priority, body, body)
             return False
-        if self._through and priority != AGENT and self.spool.available \
-                and self.spool.spill((body,), size):
-            self._wake()
-            return True
+        if self._through and priority != AGENT and self.spool.available:
+            if self.plugin_bytes:
+                # Kept here while the spool was busy: they are older, in first.
+                self._move_to_spool((HIGH, NORMAL))
+            if not self.plugin_bytes and self.spool.spill((body,), size):
+                self._wake()
+                return True
         if not self._make_room(size, priority):
             self._drop(1, size, "overflow", priority, body, body)
             return False

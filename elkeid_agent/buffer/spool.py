@@ -768,7 +768,7 @@ class Spool:
     def __init__(self, directory, max_bytes, metrics, state, codec_name=None, io=None,
                  clock=time.monotonic, wall=time.time, free_share=FREE_SHARE,
                  frame_bytes=FRAME_RAW_BYTES, snappy_module=SNAPPY, retry_seconds=RETRY_SECONDS,
-                 fsync_seconds=FSYNC_SECONDS):
+                 fsync_seconds=FSYNC_SECONDS, backlog_bytes=BACKLOG_BYTES):
         self.dir = directory
         self.max_bytes = max_bytes
         self.metrics = metrics
@@ -785,6 +785,7 @@ class Spool:
         self.frame_bytes = frame_bytes
         self.retry_seconds = retry_seconds
         self.fsync_seconds = fsync_seconds
+        self.backlog_bytes = backlog_bytes
         self.quota = 0
         self.segment_bytes = SEGMENT_MAX_BYTES
         self.available = False
@@ -934,7 +935,7 @@ class Spool:
 
     def _update_available(self):
         self.available = (self._ready and not self._closed and self._fault is None
-                          and not self._blocked and self._backlog < BACKLOG_BYTES)
+                          and not self._blocked and self._backlog < self.backlog_bytes)
 
     def spill(self, bodies, nbytes):
         """Keep ``bodies`` (``nbytes`` in all), oldest first; False when
@@ -1008,6 +1009,7 @@ class Spool:
         mark = Mark(start, self._rpos)
         self._marks.append(mark)
         self._taken_total += len(out)
+        self.metrics.inc("spool_replayed_records", len(out))
         now = self._clock()
         if not self._rate or now - self._rate[-1][0] >= 1.0:
             self._rate.append((now, self._taken_total))
