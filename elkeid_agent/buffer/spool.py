@@ -815,6 +815,7 @@ class Spool:
         self.disk_bytes = 0          # segment bytes (quarantine apart)
         self._read_seg = None
         self._read_fd = None
+        self._read_failed = None
         self._next_sync = 0.0
         self._next_retry = 0.0
         self._rate = collections.deque(maxlen=11)  # (time, records taken so far)
@@ -847,9 +848,11 @@ class Spool:
         opened = loop.create_future()
 
         def done(result, error):
-            self._opened(result, error)
-            if not opened.done():
-                opened.set_result(None)
+            try:
+                self._opened(result, error)
+            finally:
+                if not opened.done():
+                    opened.set_result(None)
         self._io.submit(self._files.scan, (), done)
         await opened
 
@@ -862,11 +865,16 @@ class Spool:
     def _opened(self, scan, error):
         self._ready = True
         self._next_sync = self._clock() + self.fsync_seconds
+        if error is None:
+            try:
+                self._install(scan)
+            except Exception as e:  # a bug must cost the spool, never the agent
+                log.exception("spool: open failed")
+                error = e
         if error is not None:
-            self.quota = self.max_bytes
+            self.quota = self.quota or self.max_bytes
             self._failed("open", error)
             return
-        self._install(scan)
         self._update_available()
 
     def _install(self, scan):
@@ -1167,7 +1175,9 @@ class Spool:
         except OSError as e:
             self._lost_frame(frame, idx, "unreadable")
             self.metrics.inc("spool_errors", op="read")
-            log.error("spool: cannot read %s: %s", seg.path, _describe(e))
+            if self._read_failed is not seg:  # once per segment, not per frame
+                self._read_failed = seg
+                log.error("spool: cannot read %s: %s", seg.path, _describe(e))
             return None
         except CorruptFrame as e:
             self._lost_frame(frame, idx, "corrupt")

@@ -2,8 +2,9 @@
 
 Every field is a string; floats use ``%.8f`` like the Go agent's
 ``strconv.FormatFloat(v, 'f', 8, 64)``. Beyond Elkeid's fields the agent
-adds its own drop/refusal counters (``queue_dropped`` ...), so data loss is
-visible on the server without logging into the host.
+adds its own drop/refusal counters (``queue_dropped`` ...) and the disk
+spool's depth, age and drops (``spool_*``), so data loss is visible on the
+server without logging into the host.
 """
 
 import asyncio
@@ -25,9 +26,7 @@ AGENT_FIELDS = (
     "boot_time", "cpu_usage", "mem_usage")
 
 
-# This agent's additions after Elkeid's fields (docs/protocol.md section 4).
-SPOOL_FIELDS = ("spool_records", "spool_bytes", "spool_oldest_age", "spool_replay_rate",
-                "spool_dropped")
+# The disk spool's fields when it is off (docs/protocol.md section 4).
 NO_SPOOL = {"spool_records": "0", "spool_bytes": "0", "spool_oldest_age": "0.00000000",
             "spool_replay_rate": "0.00000000", "spool_dropped": "0"}
 
