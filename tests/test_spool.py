@@ -599,3 +599,30 @@ def test_a_disk_slower_than_the_producers_keeps_the_order_through_memory(tmp_pat
         return got, m.total("queue_dropped_records") + m.total("spool_dropped_records")
     got, dropped = asyncio.run(main())
     assert got == list(range(6000)) and dropped == 0
+
+
+def test_frames_not_yet_written_are_read_from_their_encoded_bytes(tmp_path):
+    import threading
+
+    async def main():
+        s = Spool(str(tmp_path / "spool"), 64 * MiB, Registry(), AgentState(), frame_bytes=4096)
+        await s.start()
+        stuck = threading.Event()
+        s._io.submit(stuck.wait)
+        fill(s, range(500))
+        pending = [f for f in s._frames if not f.on_disk]
+        # Waiting for the disk, each frame holds its encoded bytes only.
+        assert len(pending) > 3 and all(f.records is None and f.data for f in pending[:-1])
+        first, mark = s.take(200, MiB)
+        s.settled(mark)
+        stuck.set()
+        rest = []
+        while s.pending():
+            await asyncio.sleep(0.01)
+            taken, mark = s.take(100, MiB)
+            rest.extend(taken)
+            if mark is not None:
+                s.settled(mark)
+        await s.close()
+        return [seq_of(b) for b in first + rest]
+    assert asyncio.run(main()) == list(range(500))

@@ -726,11 +726,12 @@ class _Segment:
 
 class _Frame:
     """One frame: where it is (``seg``/``offset``; ``seg`` None for a frame
-    only in memory), what it holds, and its records while they are needed
-    in memory (not yet written, or being read)."""
+    only in memory), what it holds, its encoded bytes until they are
+    written (or for good, if the write failed), and its records while they
+    are being read (or for good, for a frame never meant for the disk)."""
 
     __slots__ = ("fid", "seg", "offset", "length", "count", "nbytes", "first", "last",
-                 "sealed", "records", "on_disk")
+                 "sealed", "records", "data", "on_disk")
 
     def __init__(self, fid, count, nbytes, first, last, sealed):
         self.fid = fid
@@ -743,7 +744,13 @@ class _Frame:
         self.offset = 0
         self.length = 0
         self.records = None
+        self.data = None
         self.on_disk = False
+
+    @property
+    def rereadable(self):
+        """Its records can be dropped from memory and decoded again."""
+        return self.on_disk or self.data is not None
 
 
 class Mark:
@@ -883,6 +890,9 @@ class Spool:
         self.quota = min(self.max_bytes,
                          int((scan.free_bytes + existing + scan.quarantine_bytes) * self.free_share))
         self.segment_bytes = max(SEGMENT_MIN_BYTES, min(SEGMENT_MAX_BYTES, self.quota // 8))
+        log.info("spool %s: quota %d MB (ELKEID_SPOOL_MAX_MB %d, half of %d MB free), codec %s",
+                 self.dir, self.quota // MiB, self.max_bytes // MiB,
+                 (scan.free_bytes + existing + scan.quarantine_bytes) // MiB, self.codec.name)
         for name, reason, nbytes in scan.cuts:
             self.metrics.inc("spool_corrupt_frames", reason=reason)
             self.metrics.inc("spool_cut_bytes", nbytes)
@@ -1006,7 +1016,7 @@ class Spool:
                 idx += 1
             if idx >= n:
                 fid, idx = fid + 1, 0
-                if frame.on_disk:
+                if frame.rereadable:
                     frame.records = None
             if full:
                 break
@@ -1090,6 +1100,8 @@ class Spool:
             self._note_quarantine()
             return  # kept in memory; the quarantine has the room
         frame.seg, frame.offset, frame.length = seg, seg.size, len(data)
+        # Only the encoded bytes stay in memory until written: half the room.
+        frame.data, frame.records = data, None
         seg.size += len(data)
         seg.live += 1
         self.disk_bytes += len(data)
@@ -1103,8 +1115,7 @@ class Spool:
         held = frame.fid >= self._base  # not yet settled or dropped
         if error is None:
             frame.on_disk = True
-            if held and frame.fid != self._rpos[0]:
-                frame.records = None  # on disk now; read back when its turn comes
+            frame.data = None  # on disk now; read back from there when its turn comes
         else:
             # Still in memory: sent from there, only not crash-safe.
             seg = frame.seg
@@ -1166,6 +1177,10 @@ class Spool:
         damaged: its records are never sent."""
         seg = frame.seg
         try:
+            if frame.data is not None:  # not written (yet): decode what is in memory
+                _h, records = decode_frame(frame.data, self.codec)
+                frame.records = records
+                return records
             if self._read_seg is not seg:
                 self._close_read()
                 self._read_fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -1183,7 +1198,8 @@ class Spool:
             self._lost_frame(frame, idx, "corrupt")
             self.metrics.inc("spool_corrupt_frames", reason=e.reason)
             log.error("spool: damaged frame at %s:%d (%s); its %d records are dropped",
-                      seg.path, frame.offset, e, frame.count - idx)
+                      seg.path if seg is not None else "memory", frame.offset, e,
+                      frame.count - idx)
             return None
         if len(records) != frame.count:
             self._lost_frame(frame, idx, "corrupt")
@@ -1194,7 +1210,7 @@ class Spool:
     def _lost_frame(self, frame, idx, reason):
         self._lost(frame, idx, reason)
         # Empty from now on, so a rewind over it neither counts nor sends it again.
-        frame.records, frame.count, frame.on_disk = [], 0, False
+        frame.records, frame.count, frame.on_disk, frame.data = [], 0, False, None
 
     def _close_read(self):
         fd, self._read_fd, self._read_seg = self._read_fd, None, None
