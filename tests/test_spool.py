@@ -626,3 +626,29 @@ def test_frames_not_yet_written_are_read_from_their_encoded_bytes(tmp_path):
         await s.close()
         return [seq_of(b) for b in first + rest]
     assert asyncio.run(main()) == list(range(500))
+
+
+def test_records_spooled_after_a_fully_settled_cursor_survive_a_kill(tmp_path):
+    expected = []
+    for r in range(3):
+        s = make(tmp_path)
+        assert [seq_of(b) for b in drain(s)] == expected
+        s._sync()  # the cursor: everything so far is settled
+        expected = list(range(r * 100, r * 100 + 100))
+        fill(s, expected)
+        s._seal(True)
+        # Killed here: no close, no newer cursor.
+    assert [seq_of(b) for b in drain(make(tmp_path))] == expected
+
+
+def test_new_segments_number_past_a_cursor_whose_segment_is_gone(tmp_path):
+    s = make(tmp_path)
+    fill(s, range(100))
+    s._seal(True)
+    drain(s)
+    s.close_now()          # segment 1, all settled
+    make(tmp_path).close_now()  # 1 deleted; segment 2 made, empty: the cursor names it
+    s = make(tmp_path)     # 2 deleted (empty); the next must not be numbered below it
+    fill(s, range(100, 150))
+    s._seal(True)          # killed here, the cursor still naming segment 2
+    assert [seq_of(b) for b in drain(make(tmp_path))] == list(range(100, 150))

@@ -910,6 +910,9 @@ class Spool:
             self.metrics.inc("spool_corrupt_frames", reason="cursor")
             log.warning("spool: cursor file unreadable; sending every spooled record again")
         cseg, coff, cidx = scan.cursor or (0, 0, 0)
+        # New segments number after the cursor's (whose file may be gone):
+        # one below it would read as settled at the next start.
+        self._next_seg = max(self._next_seg, cseg + 1)
         start_idx = None
         for number, path, size, codec_name, frames in scan.segments:
             self._next_seg = max(self._next_seg, number + 1)
@@ -1268,10 +1271,15 @@ class Spool:
                     self._forget_segment(seg)
 
     def _cursor(self):
+        """Everything before this position is settled. With nothing held,
+        that is the end of the segment being appended to, never past it:
+        frames written there later are not settled."""
         for f in self._frames:
             if f.seg is not None:
                 idx = self._cpos[1] if f.fid == self._cpos[0] else 0
                 return encode_cursor(f.seg.number, f.offset, idx)
+        if self._active is not None:
+            return encode_cursor(self._active.number, self._active.size, 0)
         return encode_cursor(self._next_seg, 0, 0)
 
     # ------------------------------------------------------------ faults
