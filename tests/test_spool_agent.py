@@ -4,7 +4,6 @@ and while the agent itself is killed with SIGKILL. What counts is what the
 server stored, read from its SQLite database by sequence number."""
 
 import json
-import os
 import signal
 import socket
 import sqlite3
