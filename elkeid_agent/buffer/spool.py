@@ -817,6 +817,8 @@ class Spool:
         self._tail_bytes = 0
         self._tail_since = 0.0
         self._tail_wall = 0.0
+        self._loop = None            # set by start(): the seal timer runs on it
+        self._seal_timer = None
         self._pending = 0            # records not yet taken (frames and tail)
         self._backlog = 0            # record bytes sealed but not yet written
         self.disk_bytes = 0          # segment bytes (quarantine apart)
@@ -849,9 +851,9 @@ class Spool:
     async def start(self):
         """Open on the I/O thread (never raises: a spool that cannot open
         leaves the agent on memory alone, abnormal, retrying)."""
+        loop = self._loop = asyncio.get_running_loop()
         if self._io is None:
-            self._io = ThreadIO(asyncio.get_running_loop())
-        loop = asyncio.get_running_loop()
+            self._io = ThreadIO(loop)
         opened = loop.create_future()
 
         def done(result, error):
@@ -964,8 +966,7 @@ class Spool:
         if not self.available:
             return False
         if not self._tail:
-            self._tail_since = self._clock()
-            self._tail_wall = self._wall()
+            self._tail_began()
         if self._tail_bytes + nbytes < self.frame_bytes:
             self._tail.extend(bodies)
             self._tail_bytes += nbytes
@@ -973,14 +974,31 @@ class Spool:
             return True
         for body in bodies:  # a frame's worth or more: cut it into frames
             if not self._tail:
-                self._tail_since = self._clock()
-                self._tail_wall = self._wall()
+                self._tail_began()
             self._tail.append(body)
             self._tail_bytes += len(body)
             self._pending += 1
             if self._tail_bytes >= self.frame_bytes:
                 self._seal(True)
         return True
+
+    def _tail_began(self):
+        self._tail_since = self._clock()
+        self._tail_wall = self._wall()
+        # SEAL_SECONDS is the loss window: a timer keeps it exact (the tick
+        # alone would add up to its own period).
+        if self._seal_timer is None and self._loop is not None:
+            self._seal_timer = self._loop.call_later(SEAL_SECONDS, self._seal_due)
+
+    def _seal_due(self):
+        self._seal_timer = None
+        if not self._tail or self._closed:
+            return
+        age = self._clock() - self._tail_since
+        if age >= SEAL_SECONDS * 0.99:
+            self._seal(True)
+        else:  # sealed by size meanwhile: this is a younger tail
+            self._seal_timer = self._loop.call_later(SEAL_SECONDS - age, self._seal_due)
 
     def pending(self):
         return self._pending
