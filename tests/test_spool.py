@@ -652,3 +652,30 @@ def test_new_segments_number_past_a_cursor_whose_segment_is_gone(tmp_path):
     fill(s, range(100, 150))
     s._seal(True)          # killed here, the cursor still naming segment 2
     assert [seq_of(b) for b in drain(make(tmp_path))] == list(range(100, 150))
+
+
+def test_an_outage_moves_memory_to_the_spool_a_chunk_per_loop_iteration(tmp_path):
+    async def main():
+        m = Registry()
+        s = Spool(str(tmp_path / "spool"), 64 * MiB, m, AgentState())
+        await s.start()
+        q = RecordQueue(8 * MiB, m, spool=s)
+        for i in range(20000):  # ~3.8 MB in memory when the stream goes down
+            q.put(rec(i))
+        q.outage(True)
+        assert q.count == 20000  # nothing encoded yet: the loop is not held
+        for i in range(20000, 21000):
+            q.put(rec(i))    # behind the older ones, in memory for now
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        for _ in range(500):
+            if not q.count:
+                break
+            await asyncio.sleep(0.01)
+        moved_all = q.count == 0
+        q.outage(False)
+        got = drain_queue(q, 4096)
+        await s.close()
+        return moved_all, got, m.total("queue_dropped_records")
+    moved_all, got, dropped = asyncio.run(main())
+    assert moved_all and got == list(range(21000)) and dropped == 0

@@ -85,6 +85,7 @@ class RecordQueue:
         # instead of one record per put of a full queue.
         self.spill_chunk = min(256 * 1024, max_bytes // 16)
         self._through = False      # the stream is down: plugin records go to the spool
+        self._mover = None         # the loop callback moving memory's plugin records there
         self._spool_reads = True   # False once shutting down: the spool stays for next start
         self.drops = DropLog("record queue")
         self._queues = (deque(), deque(), deque())
@@ -120,11 +121,12 @@ class RecordQueue:
         if size > self.max_record_bytes:
             self._drop(1, size, "too_large", priority, body, body)
             return False
-        if self._through and priority != AGENT and self.spool.available:
+        if self._through and priority != AGENT:
             if self.plugin_bytes:
-                # Kept here while the spool was busy: they are older, in first.
-                self._move_to_spool((HIGH, NORMAL))
-            if not self.plugin_bytes and self.spool.spill((body,), size):
+                # Older records are still here (the outage just began, or the
+                # spool was busy): this one queues behind them, in order.
+                self._schedule_move()
+            elif self.spool.available and self.spool.spill((body,), size):
                 self._wake()
                 return True
         if not self._make_room(size, priority):
@@ -202,8 +204,34 @@ class RecordQueue:
         down, plugin records go to the spool (the ones in memory first),
         where a SIGKILL of the agent does not lose them."""
         self._through = down and self.spool is not None
-        if self._through and self.spool.available:
-            self._move_to_spool((HIGH, NORMAL))
+        if self._through:
+            self._schedule_move()
+
+    def _schedule_move(self):
+        """Move memory's plugin records to the spool, oldest first, a
+        ``spill_chunk`` per loop iteration: encoding a full 48 MiB budget
+        at once would hold the loop for up to a second. Without a running
+        loop (tests), all at once."""
+        if self._mover is not None or not self.plugin_bytes:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if self.spool.available:
+                self._move_to_spool((HIGH, NORMAL))
+            return
+        self._mover = loop.call_soon(self._move_step)
+
+    def _move_step(self):
+        self._mover = None
+        if not self._through:
+            return
+        if self.spool.available:
+            self._move_to_spool((HIGH, NORMAL), self.spill_chunk)
+        if self.plugin_bytes:
+            # A busy spool is asked again shortly, not on every put.
+            delay = 0.0 if self.spool.available else 0.05
+            self._mover = asyncio.get_running_loop().call_later(delay, self._move_step)
 
     def save_to_spool(self):
         """At exit: whatever is still queued, the agent's own records too,
@@ -214,16 +242,30 @@ class RecordQueue:
         self._move_to_spool((AGENT, HIGH, NORMAL))
         return before - self.count
 
-    def _move_to_spool(self, priorities):
-        """Hand whole priorities to the spool, oldest first; what it refuses
-        stays here (nothing is dropped for being moved)."""
+    def _move_to_spool(self, priorities, limit=None):
+        """Hand the oldest records of ``priorities`` to the spool, in that
+        order, ``limit`` bytes or all; what it refuses stays here (nothing
+        is dropped for being moved)."""
+        budget = self.bytes if limit is None else limit
         for p in priorities:
             q = self._queues[p]
-            if q and self.spool.spill(list(q), self._pbytes[p]):
-                self.count -= len(q)
-                self.bytes -= self._pbytes[p]
-                self._pbytes[p] = 0
-                q.clear()
+            moved = []
+            size = 0
+            while q and size < budget:
+                body = q.popleft()
+                moved.append(body)
+                size += len(body)
+            if not moved:
+                continue
+            if not self.spool.spill(moved, size):
+                q.extendleft(reversed(moved))
+                return
+            self.count -= len(moved)
+            self.bytes -= size
+            self._pbytes[p] -= size
+            budget -= size
+            if budget <= 0:
+                return
 
     def stop_spool_reads(self):
         """Shutting down: spooled records stay on disk for the next start
