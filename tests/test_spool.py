@@ -679,3 +679,20 @@ def test_an_outage_moves_memory_to_the_spool_a_chunk_per_loop_iteration(tmp_path
         return moved_all, got, m.total("queue_dropped_records")
     moved_all, got, dropped = asyncio.run(main())
     assert moved_all and got == list(range(21000)) and dropped == 0
+
+
+def test_a_read_only_spool_is_still_read_and_what_it_cannot_read_stays_put(read_only_dir):
+    # The read-only mount shows what was put under it before: remount rw briefly.
+    subprocess.run(["mount", "-o", "remount,bind,rw", str(read_only_dir)], check=True)
+    (read_only_dir / "0000000000000001.seg").write_bytes(encode_segment_header("lz4") + b"x")
+    good, _ = segment_bytes("zlib", [[rec(i) for i in range(10)]])
+    (read_only_dir / "0000000000000002.seg").write_bytes(good)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only_dir)], check=True)
+    m, state = Registry(), AgentState()
+    s = Spool(str(read_only_dir), 64 * MiB, m, state, io=InlineIO())
+    s.open_now()
+    assert not s.available
+    assert "spool:unreadable" in state.keys() and "cannot move it aside" in " ".join(state.reasons())
+    assert (read_only_dir / "0000000000000001.seg").exists()
+    # What it can read is still sent.
+    assert [seq_of(b) for b in drain(s)] == list(range(10))

@@ -521,7 +521,13 @@ class _Files:
                     _unlink(path)
                     result.cuts.append((name, "torn", 0))
                     continue
-                result.quarantined.append((name, e.reason, str(e), self._quarantine(path, e)))
+                try:
+                    dest = self._quarantine(path, e)
+                except OSError as moved:
+                    result.unreadable.append((name, "%s; cannot move it aside: %s"
+                                              % (e, moved.strerror or moved)))
+                    continue
+                result.quarantined.append((name, e.reason, str(e), dest))
             except OSError as e:
                 result.unreadable.append((name, e.strerror or str(e)))
         result.segments = [s for s in result.segments if s is not None]
@@ -531,24 +537,32 @@ class _Files:
             result.cursor_bad = result.cursor is None
         except FileNotFoundError:
             pass
-        _unlink(os.path.join(self.dir, CURSOR + ".tmp"))
+        try:
+            _unlink(os.path.join(self.dir, CURSOR + ".tmp"))
+        except OSError:  # a read-only spool: what it holds is still read
+            pass
         result.quarantine_bytes = quarantine_bytes(self.dir)
         vfs = os.statvfs(self.dir)
         result.free_bytes = vfs.f_bavail * vfs.f_frsize
         return result
 
     def _scan_one(self, number, path, verify, result):
-        with open(path, "rb+") as f:
+        with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
 
             def read(offset, n):
                 return os.pread(f.fileno(), n, offset)
             s = scan_segment(read, size, verify)
-            if s.problem is not None:
-                # Cut at the last good frame, so the segment is sound again.
-                result.cuts.append((os.path.basename(path), s.problem, size - s.end))
-                f.truncate(s.end)
-                os.fsync(f.fileno())
+        if s.problem is not None:
+            # Cut at the last good frame, so the segment is sound again (on
+            # a read-only spool the frames before the cut are read anyway).
+            result.cuts.append((os.path.basename(path), s.problem, size - s.end))
+            try:
+                with open(path, "rb+") as f:
+                    f.truncate(s.end)
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
         if not s.frames:
             _unlink(path)
             return None
@@ -802,7 +816,6 @@ class Spool:
         self._closed = False
         self._fault = None           # why spooling is off, or None
         self._blocked = False        # the quarantine leaves no room for a segment
-        self._quarantined = 0
         self._quarantine_bytes = 0
         self._segments = collections.deque()   # _Segment, oldest first
         self._active = None          # the segment frames are appended to
@@ -904,10 +917,13 @@ class Spool:
             self.metrics.inc("spool_quarantined_segments", reason=reason)
             log.error("spool: %s cannot be read by this version (%s); moved to %s", name, text,
                       dest, extra={"console": True})
-        self._quarantined += len(scan.quarantined)
         for name, error in scan.unreadable:
             self.metrics.inc("spool_errors", op="open")
             log.error("spool: %s unreadable: %s; left where it is", name, error)
+        if scan.unreadable:
+            self.state.set_abnormal("spool:unreadable", "spool: %d file(s) in %s cannot be read "
+                                    "or set aside (%s: %s)" % ((len(scan.unreadable), self.dir)
+                                                               + scan.unreadable[0]))
         if scan.cursor_bad:
             self.metrics.inc("spool_corrupt_frames", reason="cursor")
             log.warning("spool: cursor file unreadable; sending every spooled record again")
