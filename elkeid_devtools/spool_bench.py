@@ -17,8 +17,8 @@ reads come from the page cache here: a cold disk adds its read time.
 Two kinds of records: ``random``, each padded with its own random bytes
 (base64), so a frame compresses only as far as field names and framing
 repeat (the worst case for a codec's CPU); ``redundant``, the push
-benchmark's records (slices of one random text), which compress about as
-well as real ones (paths, command lines, hashes seen before).
+benchmark's records (slices of one random text), a best case. Real records
+(paths, command lines, hashes seen before) fall between.
 """
 
 import argparse
