@@ -37,7 +37,7 @@ of one frame (at most ``FRAME_RAW_BYTES`` before compression).
 Crash safety: spilled records wait in memory for at most ``SEAL_SECONDS``
 or ``FRAME_RAW_BYTES``, then go to the I/O thread, which writes at once;
 written data survives SIGKILL (it is in the page cache) and is fsynced
-every ``FSYNC_SECONDS`` together with the cursor, so a power loss costs at
+every ``FSYNC_INTERVAL`` together with the cursor, so a power loss costs at
 most that interval more. The cursor only moves past records the stream
 settled; a segment is deleted once the cursor is past all of it. After a
 restart the records after the cursor are sent again: duplicates bounded
@@ -84,7 +84,7 @@ FRAME_RAW_BYTES = 256 * 1024
 SEAL_SECONDS = 0.25
 BACKLOG_BYTES = 16 * MiB
 # Power loss adds what was written since the last fsync.
-FSYNC_SECONDS = 1.0
+FSYNC_INTERVAL = 1.0
 RETRY_SECONDS = 30.0
 TICK_SECONDS = 0.25
 # Segments are the unit of deletion and of quota drops: an eighth of the
@@ -789,7 +789,7 @@ class Spool:
     def __init__(self, directory, max_bytes, metrics, state, codec_name=None, io=None,
                  clock=time.monotonic, wall=time.time, free_share=FREE_SHARE,
                  frame_bytes=FRAME_RAW_BYTES, snappy_module=SNAPPY, retry_seconds=RETRY_SECONDS,
-                 fsync_seconds=FSYNC_SECONDS, backlog_bytes=BACKLOG_BYTES):
+                 fsync_interval=FSYNC_INTERVAL, backlog_bytes=BACKLOG_BYTES):
         self.dir = directory
         self.max_bytes = max_bytes
         self.metrics = metrics
@@ -805,7 +805,7 @@ class Spool:
         self.free_share = free_share
         self.frame_bytes = frame_bytes
         self.retry_seconds = retry_seconds
-        self.fsync_seconds = fsync_seconds
+        self.fsync_interval = fsync_interval
         self.backlog_bytes = backlog_bytes
         self.quota = 0
         self.segment_bytes = SEGMENT_MAX_BYTES
@@ -886,7 +886,7 @@ class Spool:
 
     def _opened(self, scan, error):
         self._ready = True
-        self._next_sync = self._clock() + self.fsync_seconds
+        self._next_sync = self._clock() + self.fsync_interval
         if error is None:
             try:
                 self._install(scan)
@@ -1383,7 +1383,7 @@ class Spool:
         if self._tail and now - self._tail_since >= SEAL_SECONDS:
             self._seal(True)
         if now >= self._next_sync:
-            self._next_sync = now + self.fsync_seconds
+            self._next_sync = now + self.fsync_interval
             self._sync()
         if self._fault is not None and now >= self._next_retry:
             self._retry()
