@@ -151,6 +151,8 @@ case "$cmd" in
         venv
         say "agent queue -> devcenter (arguments go here: --records --repeat --idle-seconds ...)"
         "$VENV/bin/python" -m elkeid_devtools.bench "$@"
+        say "disk spool: write and replay"
+        "$VENV/bin/python" -m elkeid_devtools.spool_bench
         say "plugins -> agent -> devcenter"
         exec "$VENV/bin/python" -m elkeid_devtools.plugin_bench --e2e --plugins 1 4
         ;;

@@ -39,6 +39,7 @@ from .errors import AgentError, LocalFault
 from .host.heartbeat import Heartbeat
 from .metrics import Registry
 from .buffer.queue import RecordQueue
+from .buffer.spool import Spool
 from .runtime.ctlsock import ControlError, ControlServer, socket_path
 from .runtime.executors import Executors
 from .services.records import Reports
@@ -61,7 +62,13 @@ class Agent:
         self.settings = settings
         self.metrics = Registry()
         self.state = AgentState()
-        self.queue = RecordQueue(settings.queue_max_bytes, self.metrics)
+        # The disk spool takes what the memory queue cannot hold (off with
+        # ELKEID_SPOOL_MAX_MB=0).
+        self.spool = None
+        if settings.spool_max_mb > 0:
+            self.spool = Spool(settings.spool_path(), settings.spool_max_mb * 1024 * 1024,
+                               self.metrics, self.state)
+        self.queue = RecordQueue(settings.queue_max_bytes, self.metrics, spool=self.spool)
         self.agent_id = ""
         self.host = None
         self._header = b""
@@ -178,6 +185,11 @@ class Agent:
         self.refresh_host()
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
                  __version__, self.agent_id, s.workdir, s.region, extra={"console": True})
+        if self.spool is not None:
+            # Before the stream starts: records spooled before a restart
+            # are older than anything produced from now on.
+            await self.spool.start()
+            self.owner.spawn("spool", self.spool.run)
 
         self.plugins = self._make_plugin_host()
         # systemctl status shows the last STATUS= line: keep it true.
@@ -447,6 +459,13 @@ class Agent:
                 await self.transport.stop(SHUTDOWN_FLUSH_SECONDS)
             except Exception:  # what is left of shutdown must still run
                 log.exception("transport shutdown failed")
+        self.queue.drops.flush()
+        if self.spool is not None:
+            try:
+                # After the transport: what it settled moves the cursor.
+                await self.spool.close()
+            except Exception:
+                log.exception("spool close failed")
         await self.owner.close()
         if self.debug is not None:
             await self.debug.close()

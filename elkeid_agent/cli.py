@@ -65,6 +65,14 @@ def _run_parser():
     run.add_argument("--status-addr", metavar="127.0.0.1:PORT",
                      help="serve GET /health, /metrics, /services and POST /heartbeat there, "
                           "$ELKEID_STATUS_ADDR, loopback only (default: off)")
+    run.add_argument("--spool-dir", metavar="DIR",
+                     help="disk spool for records the memory queue cannot hold, "
+                          "$ELKEID_SPOOL_DIR; relative to the current directory "
+                          "(default: <workdir>/spool)")
+    run.add_argument("--spool-max-mb", metavar="MB",
+                     help="disk spool quota, $ELKEID_SPOOL_MAX_MB; never more than half the "
+                          "filesystem's free space; 0 turns the spool off (default: %d)"
+                          % d.spool_max_mb)
     run.add_argument("--services", metavar="FILE", dest="services_file",
                      help="local services file, $ELKEID_SERVICES; relative to the current "
                           "directory (default: <workdir>/services.yaml, no services if absent)")
@@ -76,7 +84,7 @@ def _cwd_paths(cli):
     """A TLS or services path typed on the command line means what the
     shell means: relative to the current directory (the workdir resolves the
     environment's and specified_env's, as the Go agent does)."""
-    for name in ("ca", "cert", "key", "services_file"):
+    for name in ("ca", "cert", "key", "services_file", "spool_dir"):
         if cli.get(name):
             cli[name] = os.path.abspath(cli[name])
     return cli

@@ -72,11 +72,14 @@ class Settings:
     # Elkeid heartbeats every 60 s; the server's dashboards assume it.
     heartbeat_interval: float = 60.0
     compression: str = "auto"
-    # Go agent: dial timeout 15 s, reconnect after 5 s. We keep 5 s for the
-    # first retry and back off to 60 s so a dead server costs nothing.
+    # Go agent: dial timeout 15 s, reconnect after 5 s. We redial a lost
+    # stream within 5 s and back off to 10 s, each wait random below its
+    # ceiling (full jitter): a restarted server sees its fleet spread over
+    # 10 s, and an agent resumes at most 10 s after the server is back
+    # (docs/operations.md "Reconnecting").
     dial_timeout: float = 15.0
     reconnect_delay: float = 5.0
-    reconnect_max_delay: float = 60.0
+    reconnect_max_delay: float = 10.0
     # AgentCenter drops clients that ping more often than every 5 s; 30 s
     # keeps NAT state alive with a wide margin.
     keepalive_seconds: float = 30.0
@@ -88,6 +91,13 @@ class Settings:
     batch_max_records: int = 4096
     batch_max_bytes: int = 2 * 1024 * 1024
     flush_delay: float = 0.005
+    # The disk spool (buffer/spool.py): "" = <workdir>/spool. The quota is
+    # this many MiB but never more than half the free space the filesystem
+    # had at open; 0 turns the spool off (memory only, drops counted).
+    # 1 GiB holds ~5M records of 200 bytes before compression (over 15
+    # minutes at 5,000 records/s even uncompressed).
+    spool_dir: str = ""
+    spool_max_mb: int = 1024
     # Elkeid's stream has no acknowledgements: a message grpc accepted may
     # still be in socket buffers when the stream breaks. Batches written in
     # the last replay_seconds (at most replay_max_bytes) are sent again on
@@ -122,6 +132,9 @@ class Settings:
     def path(self, name):
         """Resolve a path setting against the workdir."""
         return name if os.path.isabs(name) else os.path.join(self.workdir, name)
+
+    def spool_path(self):
+        return self.path(self.spool_dir) if self.spool_dir else os.path.join(self.workdir, "spool")
 
     def services_path(self):
         """(path of the services file, whether the user named it)."""
@@ -268,6 +281,11 @@ _SCALARS = {
                      lambda v: _number(v, "dial timeout", float, 0.1, 600)),
     "reconnect_delay": (("ELKEID_RECONNECT_DELAY",),
                         lambda v: _number(v, "reconnect delay", float, 0.01, 3600)),
+    "reconnect_max_delay": (("ELKEID_RECONNECT_MAX_DELAY",),
+                            lambda v: _number(v, "reconnect max delay", float, 0.01, 3600)),
+    "spool_dir": (("ELKEID_SPOOL_DIR",), _text("spool directory", r"^[^\x00]+$", maximum=4096)),
+    "spool_max_mb": (("ELKEID_SPOOL_MAX_MB",),
+                     lambda v: _number(v, "spool max MB", int, 0, 1 << 22)),
     "pidfile": (("ELKEID_PIDFILE",), _text("pid file path", maximum=4096)),
     "status_addr": (("ELKEID_STATUS_ADDR",), lambda v: loopback_addr(v, "status address")),
     "services_file": (("ELKEID_SERVICES",), _text("services file path", r"^[^\x00]*$",
@@ -418,6 +436,7 @@ def public_view(s):
         "status_addr": (("[%s]:%d" if ":" in s.status_addr[0] else "%s:%d") % s.status_addr
                         if s.status_addr else None),
         "regions": {r: e.__dict__ for r, e in s.regions.items()},
+        "spool_dir": s.spool_path(), "spool_max_mb": s.spool_max_mb,
         "plugin_policy": {k: list(v) if isinstance(v, tuple) else v
                           for k, v in s.plugin_policy.items()},
     }

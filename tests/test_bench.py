@@ -38,3 +38,13 @@ def test_plugin_benches_in_process_and_through_the_agent(tmp_path):
                "--rate", "2000", "--dir", str(tmp_path))
     m = re.search(r"^1\s+(\d+)\s+[\d.]+\s+\d+%\s+[\d.]+MB\s*$", text, re.M)
     assert m and int(m.group(1)) > 0, text
+
+
+def test_spool_bench_writes_and_replays_every_record(tmp_path):
+    text = run("elkeid_devtools.spool_bench", "--records", "3000", "--repeat", "1",
+               "--dir", str(tmp_path))
+    rows = re.findall(r"^(random|redundant)\s+(snappy|zlib|none)\s+(\d+)\s+([\d.]+)\s+(\d+)"
+                      r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", text, re.M)
+    assert {(r[0], r[1]) for r in rows} >= {("random", "zlib"), ("redundant", "none")}, text
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[4]) > 0 and row[8] == "0", text

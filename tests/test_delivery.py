@@ -127,3 +127,37 @@ def test_nothing_to_deliver_finishes_a_drain_without_a_stream():
     assert not d.nothing_to_deliver(3, False)
     assert not d.nothing_to_deliver(0, True)
     assert d.nothing_to_deliver(0, False) and d.finished
+
+
+def test_batches_out_of_the_window_are_settled_in_order_and_never_replayed():
+    d = Delivery(5.0, 25)
+    d.stream_started()
+    b1, b2, b3, b4 = (Batch([str(i)]) for i in range(4))
+    d.batch_taken(b1)
+    assert d.written(10, 1.0) == []
+    d.batch_taken(b2)
+    assert d.written(10, 2.0) == []
+    d.batch_taken(b3)
+    assert d.written(10, 6.5) == [b1]        # 5.5 s old: out of the window by time
+    d.batch_taken(b4)
+    assert d.written(10, 6.6) == [b2]        # 30 bytes > 25: out by bytes
+    ended = d.stream_ended(False, now=12.0, pending=0)
+    # Aged by the time the stream ended: settled; nothing younger is.
+    assert ended.settled == [b3, b4] and ended.requeue == []
+
+
+def test_a_confirmed_end_settles_the_whole_window():
+    d = Delivery(5.0, 1 << 20)
+    d.stream_started()
+    b1, b2 = Batch(["a"]), Batch(["b"])
+    write(d, b1, 1.0)
+    write(d, b2, 2.0)
+    d.drain_requested()
+    d.half_close_sent()
+    ended = d.stream_ended(True, now=2.5, pending=0)
+    assert ended.confirmed and ended.settled == [b1, b2] and ended.requeue == []
+    d2 = Delivery(5.0, 1 << 20)
+    d2.stream_started()
+    write(d2, b1, 1.0)
+    ended = d2.stream_ended(False, now=2.0, pending=0)
+    assert ended.settled == [] and [a.batch for a in ended.requeue] == [b1]

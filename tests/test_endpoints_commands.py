@@ -96,11 +96,24 @@ def test_plan_order_and_compression():
     assert endpoints.compression_for("gzip", "sd") == "gzip"
 
 
-def test_backoff_caps_and_resets():
-    b = endpoints.Backoff(5, 60)
+def test_backoff_ceiling_doubles_to_the_cap_and_resets():
+    b = endpoints.Backoff(5, 60, random=lambda: 1.0)
     assert [b.failed() for _ in range(6)] == [5, 10, 20, 40, 60, 60]
     b.connected()
     assert b.failed() == 5
+    assert b.after_lost_stream() == 5
+
+
+def test_backoff_is_full_jitter_below_the_ceiling():
+    import random
+    rng = random.Random(7)
+    b = endpoints.Backoff(5, 10, random=rng.random)
+    delays = [b.failed() for _ in range(2000)]
+    # Uniform below the ceiling: never above the cap, spread over all of it.
+    assert max(delays) < 10 and min(delays) >= 0
+    assert sum(d < 2 for d in delays[10:]) > 100 and sum(d > 8 for d in delays[10:]) > 100
+    lost = [b.after_lost_stream() for _ in range(500)]
+    assert max(lost) < 5 and min(lost) < 1
 
 
 def cmd(**kw):

@@ -501,8 +501,9 @@ def test_postinstall_abort_actions_do_nothing(host, args):
 def test_preremove_removes_everything(host, args):
     etc = host.dirs["/etc/elkeid"]
     (etc / "specified_env").write_text("service_type=sysvinit\n")
-    for d in ("log", "plugin/collector", "tmp", "cgroup", "services/filebeat"):
+    for d in ("log", "plugin/collector", "tmp", "cgroup", "services/filebeat", "spool"):
         (etc / d).mkdir(parents=True)
+    (etc / "spool" / "0000000000000001.seg").write_bytes(b"ELKSPOOL")
     (etc / "machine-id").write_text("x")
     (etc / "services" / "state.json").write_text("{}")
     (etc / "log" / "elkeid-agent.log").write_text("x")

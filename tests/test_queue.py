@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from elkeid_agent.metrics import Registry
-from elkeid_agent.buffer.queue import AGENT, HIGH, NORMAL, Batch, RecordQueue
+from elkeid_agent.buffer.queue import AGENT, HIGH, NORMAL, SPOOLED, Batch, RecordQueue
 
 
 def rec(i, size=10):
@@ -78,18 +78,32 @@ def test_requeue_goes_first_in_its_own_priority():
 
 
 class ListSpool:
+    """The spool seam at its simplest: a list and a read position."""
+
+    available = True
+
     def __init__(self):
         self.items = []
+        self.read = 0
 
-    def spill(self, bodies):
+    def spill(self, bodies, nbytes):
         self.items.extend(bodies)
+        return True
 
     def pending(self):
-        return len(self.items)
+        return len(self.items) - self.read
 
-    def take(self, max_records, max_bytes):
-        out, self.items = self.items[:max_records], self.items[max_records:]
-        return out
+    def take(self, max_records, max_bytes, must_fit=False):
+        out = self.items[self.read:self.read + max_records]
+        mark = (self.read, self.read + len(out))
+        self.read += len(out)
+        return out, mark
+
+    def unread(self, mark):
+        self.read = min(self.read, mark[0])
+
+    def settled(self, mark):
+        pass
 
 
 def test_spool_receives_overflow_and_drains_first():
@@ -101,8 +115,12 @@ def test_spool_receives_overflow_and_drains_first():
     assert spool.items == [rec(0), rec(1)]
     assert m.total("queue_dropped_records") == 0
     assert q.pending() == 5
-    assert q.take_batch(10, 1000) == [rec(0), rec(1)]
-    assert q.take_batch(10, 1000) == [rec(2), rec(3), rec(4)]
+    # Spooled (older) first; memory records join once the spool is empty.
+    b = q.take_batch(10, 1000)
+    assert b == [rec(i) for i in range(5)] and b.segments == ((SPOOLED, 2), (NORMAL, 3))
+    q.requeue(b)
+    assert spool.read == 0 and q.count == 3
+    assert q.take_batch(10, 1000) == [rec(i) for i in range(5)]
 
 
 def test_wait_ready_wakes_on_first_record_and_on_full_batch():

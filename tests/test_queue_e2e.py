@@ -1,6 +1,6 @@
-"""The record queue under a real agent: a plugin flooding fd 5 while the
-AgentCenter is down cannot evict the agent's own heartbeats or its 5100s,
-and the queue never holds more than its budget."""
+"""The record queue under a real agent, memory alone (spool off): a plugin
+flooding fd 5 while the AgentCenter is down cannot evict the agent's own
+heartbeats or its 5100s, and the queue never holds more than its budget."""
 
 import json
 import os
@@ -37,8 +37,10 @@ def test_plugin_flood_during_an_outage_keeps_heartbeats_and_task_failures(tmp_pa
         agent = AgentProc(tmp_path / "agent", ["--agent-id", "flood-agent",
                                                "--heartbeat-interval", "0.5",
                                                "--server", grpc_addr] + dc.cert_args,
+                          # Memory alone: with the disk spool nothing would
+                          # be dropped (test_spool_agent.py covers that).
                           env={"ELKEID_QUEUE_MAX_BYTES": str(BUDGET),
-                               "ELKEID_RECONNECT_DELAY": "0.2"})
+                               "ELKEID_RECONNECT_DELAY": "0.2", "ELKEID_SPOOL_MAX_MB": "0"})
         dc.wait_agent("flood-agent")
         go, progress = tmp_path / "go", tmp_path / "progress"
         send(dc, "flood-agent", [plugin_config(files, "flooder", "flood_high.py", detail=json.dumps(

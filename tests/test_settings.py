@@ -61,6 +61,9 @@ def test_regions(tmp_path):
     ({}, {"ELKEID_PLUGIN_MAX_FAILURES": "0"}, "plugin max failures must be between"),
     ({}, {"ELKEID_PLUGIN_CPU_LIMIT_PERCENT": "half"}, "plugin CPU limit percent must be a number"),
     ({}, {"ELKEID_PLUGIN_RSS_LIMIT_MB": "1.5"}, "plugin RSS limit MB must be a number"),
+    ({}, {"ELKEID_SPOOL_MAX_MB": "-1"}, "spool max MB must be between 0 and"),
+    ({"spool_max_mb": "lots"}, {}, "got 'lots' (from command line --spool-max-mb)"),
+    ({}, {"ELKEID_RECONNECT_MAX_DELAY": "0"}, "reconnect max delay must be between"),
 ])
 def test_bad_values_name_the_setting(tmp_path, cli, env, needle):
     with pytest.raises(ConfigError) as e:
@@ -136,3 +139,16 @@ def test_tls_flags_are_relative_to_the_current_directory(tmp_path, monkeypatch):
                {"ELKEID_CERT": "mine/client.crt"}, workdir=str(tmp_path / "wd"))
     assert s.path(s.ca) == str(tmp_path / "certs/ca.crt")
     assert s.path(s.cert) == str(tmp_path / "wd/mine/client.crt")  # environment: the workdir
+
+
+def test_spool_settings(tmp_path):
+    s = S.load({}, {}, workdir=str(tmp_path))
+    assert (s.spool_path(), s.spool_max_mb) == (str(tmp_path / "spool"), 1024)
+    assert s.reconnect_max_delay == 10
+    s = S.load({}, {"ELKEID_SPOOL_DIR": "elsewhere", "ELKEID_SPOOL_MAX_MB": "0",
+                    "ELKEID_RECONNECT_MAX_DELAY": "3"}, workdir=str(tmp_path))
+    assert (s.spool_path(), s.spool_max_mb, s.reconnect_max_delay) == (
+        str(tmp_path / "elsewhere"), 0, 3)
+    s = S.load({"spool_dir": "/var/spool/elkeid", "spool_max_mb": "64"},
+               {"ELKEID_SPOOL_DIR": "ignored"}, workdir=str(tmp_path))
+    assert (s.spool_path(), s.spool_max_mb) == ("/var/spool/elkeid", 64)

@@ -2,8 +2,9 @@
 
 Every field is a string; floats use ``%.8f`` like the Go agent's
 ``strconv.FormatFloat(v, 'f', 8, 64)``. Beyond Elkeid's fields the agent
-adds its own drop/refusal counters (``queue_dropped`` ...), so data loss is
-visible on the server without logging into the host.
+adds its own drop/refusal counters (``queue_dropped`` ...) and the disk
+spool's depth, age and drops (``spool_*``), so data loss is visible on the
+server without logging into the host.
 """
 
 import asyncio
@@ -23,6 +24,11 @@ AGENT_FIELDS = (
     "nproc", "total_mem", "load_1", "load_5", "load_15", "running_procs", "total_procs",
     "host_serial", "host_id", "host_model", "host_vendor", "dns", "gateway", "cpu_name",
     "boot_time", "cpu_usage", "mem_usage")
+
+
+# The disk spool's fields when it is off (docs/protocol.md section 4).
+NO_SPOOL = {"spool_records": "0", "spool_bytes": "0", "spool_oldest_age": "0.00000000",
+            "spool_replay_rate": "0.00000000", "spool_dropped": "0"}
 
 
 def fmt_float(value):
@@ -86,6 +92,8 @@ class Heartbeat:
         fields["queue_records"] = str(a.queue.count)
         fields["queue_bytes"] = str(a.queue.bytes)
         fields["commands_rejected"] = str(m.total("commands_rejected"))
+        spool = getattr(a, "spool", None)
+        fields.update(spool.heartbeat_fields() if spool is not None else NO_SPOOL)
         return fields
 
     def records(self, now):

@@ -16,6 +16,9 @@ Requeued batches are handed back as the objects the queue gave out, one
 ``Requeue`` per batch and newest first (``RecordQueue.requeue`` pushes to the
 front, so the oldest ends up first), never flattened into one list: a batch
 may carry more than its records (how many of them were HIGH priority).
+Batches that are no longer at risk (aged out of the window, or confirmed by
+the server's end) are handed back too, as ``settled``: the disk spool keeps
+records until then.
 """
 
 from collections import deque, namedtuple
@@ -27,8 +30,9 @@ HalfClose = namedtuple("HalfClose", "")        # call.done_writing(), once
 Idle = namedtuple("Idle", "")                  # nothing more to write on this stream
 # How a stream ended: the batches to requeue (newest first), how many records
 # of them are replays of written batches, whether the server confirmed
-# receipt, and what the connect loop should do next.
-Ended = namedtuple("Ended", "requeue replayed confirmed next")
+# receipt, what the connect loop should do next, and the batches no longer
+# at risk (oldest first).
+Ended = namedtuple("Ended", "requeue replayed confirmed next settled")
 
 # Ended.next values.
 REDIAL = "redial"          # after the reconnect delay
@@ -71,10 +75,12 @@ class Delivery:
         self._in_flight = batch
 
     def written(self, nbytes, now):
+        """The in-flight batch was written; returns the batches that aged
+        out of the window (settled), oldest first."""
         batch, self._in_flight = self._in_flight, None
         self._window.append((now, batch, nbytes))
         self._window_bytes += nbytes
-        self._trim(now)
+        return self._trim(now)
 
     def write_failed(self):
         """The write did not complete: the batch goes back first."""
@@ -102,11 +108,13 @@ class Delivery:
         ``pending``: records still queued, before the requeue."""
         requeue = self.write_failed()
         confirmed = server_ok and self.half_closed
-        self._trim(now)  # aged entries are no longer at risk, whatever the last write was
+        settled = self._trim(now)  # aged entries are no longer at risk, whatever the last write was
         window, self._window = self._window, deque()
         self._window_bytes = 0
         replayed = 0
-        if not confirmed:
+        if confirmed:
+            settled.extend(batch for _t, batch, _n in window)
+        else:
             for _t, batch, _n in reversed(window):
                 requeue.append(Requeue(batch))
                 replayed += len(batch)
@@ -119,7 +127,7 @@ class Delivery:
             nxt = REDIAL_NOW
         else:
             nxt = REDIAL
-        return Ended(requeue, replayed, confirmed, nxt)
+        return Ended(requeue, replayed, confirmed, nxt, settled)
 
     def drain_requested(self):
         self.draining = True
@@ -134,5 +142,9 @@ class Delivery:
     def _trim(self, now):
         w = self._window
         horizon = now - self.replay_seconds
+        aged = []
         while w and (self._window_bytes > self.replay_max_bytes or w[0][0] < horizon):
-            self._window_bytes -= w.popleft()[2]
+            _t, batch, nbytes = w.popleft()
+            self._window_bytes -= nbytes
+            aged.append(batch)
+        return aged

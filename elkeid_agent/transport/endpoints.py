@@ -13,6 +13,7 @@ import http.client
 import ipaddress
 import json
 import math
+import random
 import re
 import urllib.error
 import urllib.request
@@ -156,17 +157,28 @@ def compression_for(setting, net_mode):
 
 
 class Backoff:
-    """Reconnect delays: ``first`` after a lost stream, doubling after
-    each attempt in which no endpoint answered, capped at ``cap``."""
+    """Reconnect delays with full jitter: each wait is uniform in
+    [0, ceiling). The ceiling is ``first`` after a lost stream and doubles
+    after each attempt in which no endpoint answered, up to ``cap``. A
+    fleet that lost its server at the same moment thus redials spread over
+    the ceiling instead of in one burst, and no agent waits longer than
+    ``cap`` once the server is back (docs/operations.md "Reconnecting")."""
 
-    def __init__(self, first, cap):
+    def __init__(self, first, cap, random=random.random):
         self.first = first
-        self.cap = cap
+        self.cap = max(cap, first)
         self.failures = 0
+        self._random = random
+
+    def ceiling(self):
+        return min(self.first * (2 ** max(self.failures - 1, 0)), self.cap)
 
     def failed(self):
         self.failures += 1
-        return min(self.first * (2 ** (self.failures - 1)), self.cap)
+        return self._random() * self.ceiling()
+
+    def after_lost_stream(self):
+        return self._random() * self.first
 
     def connected(self):
         self.failures = 0

@@ -13,12 +13,20 @@ error instead of an exception inside grpc.
 The delivery rules (requeue of a failed write, the replay window, the
 shutdown drain and its single half-close) live in ``delivery.Delivery``; this
 module feeds it events and performs its actions. At-least-once delivery:
-replayed records are counted (``transport_replayed_records``). The stream is
-re-established 5 s after it is lost; while no endpoint answers, attempts
-back off to a cap and never stop (the Go agent exits after six failures,
-discarding what it holds). Nothing from outside (a discovery answer, a
-broken stream, a dial) ends the connect loop: it is logged, counted, and
-the loop carries on.
+replayed records are counted (``transport_replayed_records``); batches out
+of the replay window are reported to the queue as settled (the disk spool
+keeps records until then). The queue hears when the stream is down
+(``outage``), so plugin records go to the disk spool meanwhile.
+
+Reconnecting: a lost stream is redialled after a random delay of up to
+``reconnect_delay`` (5 s); while no endpoint answers, the ceiling doubles up
+to ``reconnect_max_delay`` (10 s) and each wait is uniform below it (full
+jitter), so a fleet whose server restarts comes back spread over seconds,
+not in one burst, and resumes at most ~10 s after the server is back
+(docs/operations.md "Reconnecting"). Attempts never stop (the Go agent
+exits after six failures, discarding what it holds). Nothing from outside
+(a discovery answer, a broken stream, a dial) ends the connect loop: it is
+logged, counted, and the loop carries on.
 """
 
 import asyncio
@@ -160,6 +168,9 @@ class Transport:
         connect loop crashed: shutdown must go on."""
         d = self.delivery
         d.drain_requested()
+        # Spooled records stay on disk for the next start: the flush budget
+        # is for what memory holds.
+        self.queue.stop_spool_reads()
         self._drain.set()
         task = self._run_task
         if task is not None and not task.done() \
@@ -181,11 +192,15 @@ class Transport:
         await self._close_channel()
         if self._own_executors is not None:
             self._own_executors.close()
+        kept = self.queue.save_to_spool()
+        if kept:
+            log.info("%d records not delivered before exit are in the spool for the next start",
+                     kept, extra={"console": True})
         left = self.queue.pending()
         if left:
             self.metrics.inc("records_undelivered_at_exit", left)
             log.error("%d records could not be delivered before exit", left)
-        return d.finished and not left
+        return d.finished and not left and not kept
 
     # ------------------------------------------------------------ connect
 
@@ -212,6 +227,7 @@ class Transport:
                 await self._close_channel()
                 connected = False
             if not connected:
+                self.queue.outage(True)
                 delay = self._backoff.failed()
                 log.warning("no AgentCenter endpoint reachable; retrying in %.1f s", delay)
                 self._state("no AgentCenter endpoint reachable; retrying in %.1f s" % delay)
@@ -233,7 +249,7 @@ class Transport:
             if self._reconnect.is_set():
                 self._reconnect.clear()
             elif ended.next == REDIAL and not self._stopping:
-                await asyncio.sleep(self.settings.reconnect_delay)
+                await asyncio.sleep(self._backoff.after_lost_stream())
 
     async def _candidates(self):
         eps = self.settings.endpoints
@@ -307,6 +323,7 @@ class Transport:
         self._connected.set()
         self._state("connected to %s (%s)" % (self.connected_to, self.net_mode))
         self.delivery.stream_started()
+        self.queue.outage(False)
         sender = asyncio.ensure_future(self._send_loop(call))
         receiver = asyncio.ensure_future(self._recv_loop(call))
         reconnect = asyncio.ensure_future(self._reconnect.wait())
@@ -325,6 +342,8 @@ class Transport:
                          and receiver.exception() is None)
             ended = self.delivery.stream_ended(server_ok, time.monotonic(), self.queue.pending())
             self._settle(ended)
+            if ended.next != FINISHED:
+                self.queue.outage(True)
         if ended.confirmed or reconnect in done:
             return ended, None
         for task in done:
@@ -334,6 +353,8 @@ class Transport:
         return ended, StreamClosed("server closed the stream")
 
     def _settle(self, ended):
+        for batch in ended.settled:
+            self.queue.settled(batch)
         for action in ended.requeue:
             self.queue.requeue(action.batch)
         requeued = sum(len(a.batch) for a in ended.requeue) - ended.replayed
@@ -366,7 +387,8 @@ class Transport:
             message = wire.packaged_data(batch, self.header())
             d.batch_taken(batch)
             await call.write(message)
-            d.written(len(message), time.monotonic())
+            for settled in d.written(len(message), time.monotonic()):
+                q.settled(settled)
             self.stats.sent(len(message), len(batch))
 
     async def _records_or_drain(self):

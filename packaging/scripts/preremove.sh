@@ -3,7 +3,8 @@
 # preremove.sh does it, on removal only (not on upgrade): disable the
 # service, stop the agent (and its plugins) and its local services, unlink
 # the systemd unit, remove its cgroups, logs, plugins, services' state and
-# work dirs (services.yaml, the operator's, stays), machine-id,
+# work dirs (services.yaml, the operator's, stays), the disk spool in its
+# default place (records not yet delivered go with the agent), machine-id,
 # specified_env, cron file, pid files and the zipapp's extraction cache,
 # so that removing the package leaves nothing behind.
 # Quiet on success; if disabling the service fails: its output, one line
@@ -75,7 +76,7 @@ fi
 for m in "$root"/cgroup/*; do
     [ -d "$m" ] && umount "$m" >/dev/null 2>&1
 done
-rm -rf "$root/cgroup" "$root/log" "$root/plugin" "$root/tmp" "$root/services"
+rm -rf "$root/cgroup" "$root/log" "$root/plugin" "$root/tmp" "$root/services" "$root/spool"
 rm -f "$root/machine-id" "$root/specified_env" "$root/plugin.sock" "$root/stderr" \
     "$root/stdout"
 rm -f /etc/cron.d/elkeid-agent /var/run/elkeid-agent.pid /var/run/elkeidctl.pid
