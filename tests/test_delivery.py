@@ -66,17 +66,32 @@ def test_broken_stream_replays_each_batch_unflattened_newest_first():
 
 
 def test_window_is_trimmed_by_age_at_replay_time():
-    d = Delivery(5.0, 1 << 20)
+    d = Delivery(5.0, 1 << 20, in_flight_bytes=10)
     d.stream_started()
-    write(d, ["old"], now=100.0)
-    # An idle agent: no further write trims the window; the break comes later.
-    ended = d.stream_ended(False, now=161.0, pending=0)
-    assert ended.requeue == [] and ended.replayed == 0
-    d.stream_started()
-    write(d, ["a"], now=200.0)
-    write(d, ["b"], now=203.0)
+    write(d, ["a"], now=200.0, nbytes=10)
+    write(d, ["b"], now=203.0, nbytes=10)
     ended = d.stream_ended(False, now=206.0, pending=0)
+    # "a" is 6 s old with 10 bytes written after it: out; "b" is recent.
     assert [a.batch for a in ended.requeue] == [["b"]]
+
+
+def test_a_stalled_stream_replays_what_it_accepted_however_old():
+    # A blackholed server: grpc accepted a few writes, then nothing moved
+    # until keepalive gave up 20 s later. Old as they are, nothing proves
+    # those batches left the socket buffer: fewer than in_flight_bytes
+    # followed them.
+    d = Delivery(5.0, 1 << 20, in_flight_bytes=100)
+    d.stream_started()
+    for i, t in enumerate((1.0, 2.0, 3.0)):
+        write(d, [str(i)], now=t, nbytes=10)
+    ended = d.stream_ended(False, now=30.0, pending=0)
+    assert [a.batch for a in ended.requeue] == [["2"], ["1"], ["0"]] and ended.replayed == 3
+    assert ended.settled == []
+    # An idle stream likewise keeps its last batch until more follows.
+    d.stream_started()
+    write(d, ["old"], now=100.0, nbytes=10)
+    ended = d.stream_ended(False, now=161.0, pending=0)
+    assert [a.batch for a in ended.requeue] == [["old"]]
 
 
 def test_window_is_bounded_by_bytes():
@@ -130,7 +145,7 @@ def test_nothing_to_deliver_finishes_a_drain_without_a_stream():
 
 
 def test_batches_out_of_the_window_are_settled_in_order_and_never_replayed():
-    d = Delivery(5.0, 25)
+    d = Delivery(5.0, 25, in_flight_bytes=10)
     d.stream_started()
     b1, b2, b3, b4 = (Batch([str(i)]) for i in range(4))
     d.batch_taken(b1)
@@ -138,12 +153,12 @@ def test_batches_out_of_the_window_are_settled_in_order_and_never_replayed():
     d.batch_taken(b2)
     assert d.written(10, 2.0) == []
     d.batch_taken(b3)
-    assert d.written(10, 6.5) == [b1]        # 5.5 s old: out of the window by time
+    assert d.written(10, 6.5) == [b1]        # 5.5 s old, 20 bytes after it: out
     d.batch_taken(b4)
     assert d.written(10, 6.6) == [b2]        # 30 bytes > 25: out by bytes
     ended = d.stream_ended(False, now=12.0, pending=0)
-    # Aged by the time the stream ended: settled; nothing younger is.
-    assert ended.settled == [b3, b4] and ended.requeue == []
+    # b3 is old with a batch after it: settled; b4 has nothing after it.
+    assert ended.settled == [b3] and [a.batch for a in ended.requeue] == [b4]
 
 
 def test_a_confirmed_end_settles_the_whole_window():

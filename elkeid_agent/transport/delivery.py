@@ -19,6 +19,16 @@ may carry more than its records (how many of them were HIGH priority).
 Batches that are no longer at risk (aged out of the window, or confirmed by
 the server's end) are handed back too, as ``settled``: the disk spool keeps
 records until then.
+
+A batch ages out of the window when it is older than ``replay_seconds``
+*and* at least ``in_flight_bytes`` were written after it (or when the
+window outgrows ``replay_max_bytes``, its memory bound). Time alone is not
+enough: a server that stops answering without closing (a dropped route, a
+frozen host) lets grpc accept writes until the flow-control window and
+the socket buffer are full, and keepalive notices only 20 s later; by then
+every batch is "old", though the last ones never left this host. What was
+written with ``in_flight_bytes`` more behind it has left the socket
+buffer, which happens only once the peer acknowledged it.
 """
 
 from collections import deque, namedtuple
@@ -43,12 +53,23 @@ HALF_CLOSE = HalfClose()
 IDLE = Idle()
 
 
+# More than a stalled stream can have accepted without the peer's
+# acknowledgement: Linux's largest default TCP send buffer (tcp_wmem max,
+# 4 MiB) plus the HTTP/2 flow-control window grpc opens (measured: under
+# 1 MiB on loopback with the default BDP probing).
+IN_FLIGHT_BYTES = 5 << 20
+
+
 class Delivery:
-    def __init__(self, replay_seconds, replay_max_bytes):
+    def __init__(self, replay_seconds, replay_max_bytes, in_flight_bytes=IN_FLIGHT_BYTES):
         self.replay_seconds = replay_seconds
-        self.replay_max_bytes = replay_max_bytes
-        self._window = deque()  # (written_at, batch, nbytes) on the current stream
+        self.replay_max_bytes = max(replay_max_bytes, 1)
+        self.in_flight_bytes = in_flight_bytes
+        # (written_at, batch, nbytes, bytes written on this stream up to and
+        # including it) on the current stream
+        self._window = deque()
         self._window_bytes = 0
+        self._written = 0
         self._in_flight = None  # taken, write outcome unknown
         self.draining = False
         self.half_closed = False  # on the current stream
@@ -78,7 +99,8 @@ class Delivery:
         """The in-flight batch was written; returns the batches that aged
         out of the window (settled), oldest first."""
         batch, self._in_flight = self._in_flight, None
-        self._window.append((now, batch, nbytes))
+        self._written += nbytes
+        self._window.append((now, batch, nbytes, self._written))
         self._window_bytes += nbytes
         return self._trim(now)
 
@@ -113,9 +135,9 @@ class Delivery:
         self._window_bytes = 0
         replayed = 0
         if confirmed:
-            settled.extend(batch for _t, batch, _n in window)
+            settled.extend(entry[1] for entry in window)
         else:
-            for _t, batch, _n in reversed(window):
+            for _t, batch, _n, _w in reversed(window):
                 requeue.append(Requeue(batch))
                 replayed += len(batch)
         self.half_closed = False
@@ -143,8 +165,9 @@ class Delivery:
         w = self._window
         horizon = now - self.replay_seconds
         aged = []
-        while w and (self._window_bytes > self.replay_max_bytes or w[0][0] < horizon):
-            _t, batch, nbytes = w.popleft()
+        while w and (self._window_bytes > self.replay_max_bytes or
+                     (w[0][0] < horizon and self._written - w[0][3] >= self.in_flight_bytes)):
+            _t, batch, nbytes, _w = w.popleft()
             self._window_bytes -= nbytes
             aged.append(batch)
         return aged
