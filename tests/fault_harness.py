@@ -61,10 +61,13 @@ def record_size(pad):
 
 
 def replay_bound(rate, size, breaks=1):
-    """Most duplicates ``breaks`` broken streams may cost: each resends the
-    batches written in its last ``replay_seconds`` (at most
-    ``replay_max_bytes``), plus the batch in flight."""
-    window = min(rate * DEFAULTS.replay_seconds, DEFAULTS.replay_max_bytes // size)
+    """Most duplicates ``breaks`` broken streams may cost: each resends its
+    replay window (transport/delivery.py: what was written in the last
+    ``replay_seconds`` or has less than IN_FLIGHT_BYTES written after it,
+    at most ``replay_max_bytes``), plus the batch in flight."""
+    from elkeid_agent.transport.delivery import IN_FLIGHT_BYTES
+    window = min(max(rate * DEFAULTS.replay_seconds, IN_FLIGHT_BYTES // size),
+                 DEFAULTS.replay_max_bytes // size)
     return breaks * int(window + DEFAULTS.batch_max_records)
 
 
