@@ -220,7 +220,8 @@ def test_build_sh_installs_missing_tools_quietly_waiting_for_the_dpkg_lock(tmp_p
     rc, out, err, calls, left = run_build_sh_test_with_fake_apt(tmp_path, 0)
     assert rc == 0, err
     assert out == "pytest ran: -m pytest -x\n"
-    tools = "debootstrap rpm systemd prometheus-node-exporter systemd-container"
+    tools = ("debootstrap rpm systemd prometheus-node-exporter systemd-container nftables "
+             "iproute2 util-linux")
     assert err.splitlines() == ["==> installing %s for the tests" % tools,
                                 "==> running tests"]
     assert calls == ["-o DPkg::Lock::Timeout=600 update -q",
@@ -233,7 +234,7 @@ def test_build_sh_shows_apts_output_when_it_fails(tmp_path):
     assert rc != 0 and out == ""  # no test run
     assert err.count("Reading package lists... (apt noise)") == 2
     assert ("build.sh: error: apt-get install debootstrap rpm systemd prometheus-node-exporter "
-            "systemd-container failed") in err
+            "systemd-container nftables iproute2 util-linux failed") in err
     assert len(left) == 1 and left[0] in err  # kept, and named
 
 
