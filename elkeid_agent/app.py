@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 
-from . import PRODUCT, __version__, wire
+from . import PRODUCT, __version__, native, wire
 from .host import hostinfo, identity
 from .runtime import logs, sdnotify
 from .control.agent_tasks import AgentTasks
@@ -185,6 +185,9 @@ class Agent:
         self.refresh_host()
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
                  __version__, self.agent_id, s.workdir, s.region, extra={"console": True})
+        log.info(native.describe())
+        self.metrics.describe("accel_enabled", "1 when the C hot path (accel/) runs, 0 for pure Python")
+        self.metrics.set("accel_enabled", 1 if native.ACTIVE else 0)
         if self.spool is not None:
             # Before the stream starts: records spooled before a restart
             # are older than anything produced from now on.
@@ -301,7 +304,8 @@ class Agent:
                                 lambda: self.transport.connected,
                                 services=lambda: self.services,
                                 collectors=lambda: self.collectors,
-                                info={"version": __version__, "agent_id": self.agent_id},
+                                info={"version": __version__, "agent_id": self.agent_id,
+                                      "hot_path": "C" if native.ACTIVE else "pure"},
                                 started_at=self.started_at)
         try:
             await status.start()
