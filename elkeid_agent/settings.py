@@ -11,6 +11,11 @@ and ``ELKEID_PUBLIC_SERVER`` are the ``default`` region; a suffix names
 another region (``ELKEID_SERVER_EU=10.0.0.5:6751`` is region ``eu``). The CLI
 flags set the default region. A region is "configured" when it has at least
 one endpoint; task 1051 may switch only to a configured region.
+
+``ELKEID_ACCEL=0`` (the environment only; systemd passes specified_env as
+environment) forces the pure-Python hot path; it is read at import by
+``native.py``, not here, because the hot-path modules choose their
+functions when they load.
 """
 
 import ipaddress
