@@ -104,8 +104,9 @@ def test_build_is_reproducible_and_minimal(tmp_path):
     assert os.stat(a).st_mode & 0o777 == 0o700
     names = zipfile.ZipFile(a).namelist()
     assert sorted(names) == ["__main__.py", "elkeid_agent/__init__.py",
-                             "elkeid_agent/errors.py", "elkeid_agent/sdk/__init__.py",
-                             "elkeid_agent/wire.py", "elkeid_devtools/__init__.py",
+                             "elkeid_agent/errors.py", "elkeid_agent/native.py",
+                             "elkeid_agent/sdk/__init__.py", "elkeid_agent/wire.py",
+                             "elkeid_devtools/__init__.py",
                              "elkeid_devtools/sample_plugin/__init__.py"]
     archive, signature = build.tar_gz_bytes("sample", "/usr/bin/python3", {"agent_id": "x"})
     assert (archive, signature) == build.tar_gz_bytes("sample", "/usr/bin/python3",
