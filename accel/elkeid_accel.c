@@ -15,6 +15,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -154,20 +155,39 @@ split_result(PyObject *out, Py_ssize_t pos, int status, unsigned long n, PyObjec
     return Py_BuildValue("(NnikN)", out, pos, status, n, why);
 }
 
+/* A Python int as a long long, saturated (a bound past the C range compares
+ * like the Python int would); -1 without an exception for a non-int. */
+static int
+saturated_long_long(PyObject *o, long long *out)
+{
+    int overflow;
+    long long v;
+    if (!PyLong_Check(o))
+        return -1;
+    v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -2;
+    *out = overflow > 0 ? LLONG_MAX : overflow < 0 ? LLONG_MIN : v;
+    return 0;
+}
+
 /* split_frames(data, max_frame, validate) -> (bodies, pos, status, n, why):
  * see ingest.split_frames, the reference. */
 static PyObject *
 accel_split_frames(PyObject *self, PyObject *args)
 {
-    PyObject *data, *out;
+    PyObject *data, *limit, *out;
     long long max_frame;
-    int validate;
+    int validate, got;
     char *buf;
     Py_ssize_t end, pos = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OLp:split_frames", &data, &max_frame, &validate))
+    if (!PyArg_ParseTuple(args, "OOp:split_frames", &data, &limit, &validate))
         return NULL;
-    if (!PyBytes_CheckExact(data))
+    got = saturated_long_long(limit, &max_frame);
+    if (got == -2)
+        return NULL;
+    if (got < 0 || !PyBytes_CheckExact(data))
         Py_RETURN_NOTIMPLEMENTED;
     if (PyBytes_AsStringAndSize(data, &buf, &end) < 0)
         return NULL;
@@ -364,16 +384,23 @@ accel_pack_records(PyObject *self, PyObject *args)
 static PyObject *
 accel_unpack_records(PyObject *self, PyObject *args)
 {
-    PyObject *raw, *out;
+    PyObject *raw, *count_obj, *out;
     Py_ssize_t count, len, i, pos;
+    long long wide;
+    int got;
     uint64_t sum = 0;
     const unsigned char *buf;
     char *cbuf;
     (void)self;
-    if (!PyArg_ParseTuple(args, "On:unpack_records", &raw, &count))
+    if (!PyArg_ParseTuple(args, "OO:unpack_records", &raw, &count_obj))
         return NULL;
-    if (!PyBytes_CheckExact(raw) || count < 0)
+    got = saturated_long_long(count_obj, &wide);
+    if (got == -2)
+        return NULL;
+    /* negative or absurd counts: the pure twin's error */
+    if (got < 0 || wide < 0 || wide > PY_SSIZE_T_MAX || !PyBytes_CheckExact(raw))
         Py_RETURN_NOTIMPLEMENTED;
+    count = (Py_ssize_t)wide;
     if (PyBytes_AsStringAndSize(raw, &cbuf, &len) < 0)
         return NULL;
     buf = (const unsigned char *)cbuf;
