@@ -426,3 +426,30 @@ def test_sanitizers_find_nothing_in_the_properties(tmp_path):
     passed = re.search(r"(\d+) passed", out)
     assert passed and int(passed.group(1)) >= 10 and "skipped" not in out, out[-2000:]
 
+
+
+# ---------------------------------------------------------------- setup.py
+
+@pytest.mark.parametrize("compiler", ["gcc", "/bin/false"])
+def test_setup_py_builds_accel_or_says_in_one_line_why_not(tmp_path, compiler):
+    if compiler == "gcc" and shutil.which("gcc") is None:
+        unavailable("gcc is not installed (needed to build accel/)")
+    src = tmp_path / "src"
+    (src / "accel").mkdir(parents=True)
+    (src / "elkeid_agent").mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.py"), str(src))
+    shutil.copy(accel_build.SOURCE, str(src / "accel"))
+    (src / "elkeid_agent" / "__init__.py").write_text("")
+    env = dict(os.environ, CC=compiler)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", "out"],
+                       cwd=str(src), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=300)
+    built = os.path.exists(str(src / "out" / "elkeid_agent" / "_accel.abi3.so"))
+    notes = [line for line in r.stderr.decode().splitlines() if "accel/ not built" in line]
+    assert r.returncode == 0, r.stderr.decode()
+    if compiler == "gcc":
+        assert built and notes == [], r.stderr.decode()
+    else:
+        assert not built and len(notes) == 1, r.stderr.decode()
+        assert notes[0].startswith("elkeid-agent: accel/ not built (")
+        assert notes[0].endswith("); the pure-Python path will be used")
