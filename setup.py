@@ -39,8 +39,10 @@ class OptionalBuildExt(build_ext):
     @staticmethod
     def _skip(exc):
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > 160:  # a failed compiler's message is its whole command line
+            reason = reason[:157] + "..."
         sys.stderr.write("elkeid-agent: accel/ not built (%s); the pure-Python path will be used\n"
-                         % reason[:200])
+                         % reason)
 
 
 setup(
