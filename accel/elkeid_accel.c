@@ -230,13 +230,15 @@ accel_split_frames(PyObject *self, PyObject *args)
 /* ------------------------------------------------------------ batches */
 
 /* The items of a list or tuple of exact bytes: borrowed references, or -1
- * when the sequence is something else (the pure twin handles it). */
+ * when the sequence is something else (the pure twin handles it). Subclasses
+ * count: the record queue's Batch is a list subclass (it adds attributes,
+ * not a different iteration). */
 static Py_ssize_t
 bytes_items(PyObject *seq, PyObject **(*items))
 {
     Py_ssize_t n, i;
-    int is_list = PyList_CheckExact(seq);
-    if (!is_list && !PyTuple_CheckExact(seq))
+    int is_list = PyList_Check(seq);
+    if (!is_list && !PyTuple_Check(seq))
         return -1;
     n = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
     *items = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(PyObject *));

@@ -233,6 +233,16 @@ def test_differential_packaged_data_varint_widths(c):
         check_packaged(c, [b"x" * n, b""], b"\x12\x03abc")
 
 
+def test_batches_the_sender_takes_stay_on_the_c_path(c):
+    # The sender hands packaged_data a queue Batch (a list subclass) and the
+    # spool packs Batches too: an exact-list check sent every real message
+    # down the pure path.
+    from elkeid_agent.buffer.queue import Batch
+    batch = Batch([b"\x1a\x01x", b"\x1a\x00"])
+    check_packaged(c, batch, b"\x12\x01h")
+    assert c.pack_records(batch) == PURE_PACK(batch)
+
+
 def test_differential_other_types_go_to_the_pure_code(c):
     assert c.packaged_data([bytearray(b"ab")], b"h") is NotImplemented
     assert c.packaged_data(iter([b"ab"]), b"h") is NotImplemented
