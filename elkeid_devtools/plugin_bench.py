@@ -40,12 +40,13 @@ from elkeid_agent.plugins.supervisor import PluginSupervisor
 LOAD_TYPE = 9002
 
 
-def _install_load_plugins(workdir, plugins, rate, record_size, interpreter):
+def _install_load_plugins(workdir, plugins, rate, record_size, interpreter, load_extra=None):
     """Put ``plugins`` sample plugins in load mode into ``workdir``; returns
     their configs (dicts with Config's fields, as the command API takes them)."""
     from .sample_plugin import build
-    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
-                         "load": {"records_per_sec": rate, "record_size": record_size}})
+    load = {"records_per_sec": rate, "record_size": record_size}
+    load.update(load_extra or {})
+    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0, "load": load})
     configs = []
     for i in range(plugins):
         name = "load%d" % i
@@ -126,13 +127,20 @@ def _proc_rss(pid):
 
 
 def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
-                  interpreter=None, base=None, compression=None):
-    """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter."""
+                  interpreter=None, base=None, compression=None, probe=None, store="counts",
+                  load_extra=None, env=None):
+    """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter.
+
+    ``probe(agent_pid, dc, agent_id, seconds)``, if given, runs in place of
+    the measuring sleep (it must take ``seconds``) and its dict is merged
+    into the result (hot_profile.py samples threads, syscalls and stacks so).
+    ``load_extra``: more keys for the plugins' ``load`` section; ``env``:
+    extra environment of the agent."""
     from .launchers import AgentProc, DevCenterProc, wait_until
 
     own = base is None
     base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-plugin-e2e-"))
-    dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store="counts")
+    dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store=store)
     agent = None
     try:
         workdir = os.path.join(base, "agent-%d" % plugins)
@@ -141,16 +149,19 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
         args = ["--server", dc.grpc, "--agent-id", agent_id] + dc.cert_args
         if compression:
             args += ["--compression", compression]
-        agent = AgentProc(workdir, args)
+        agent = AgentProc(workdir, args, env=env)
         wait_until(lambda: any(a.get("agent_id") == agent_id for a in dc.agents()), 60, 0.2,
                    "agent to connect")
-        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter)
+        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter,
+                                        load_extra)
         status, body = dc.command(agent_id, {"config": configs})
         if status != 200:
             raise RuntimeError("command refused: %r" % (body,))
         time.sleep(warmup)
         n0, cpu0, t0 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
-        time.sleep(seconds)
+        probed = probe(agent.pid, dc, agent_id, seconds) if probe is not None else {}
+        if probe is None:
+            time.sleep(seconds)
         n1, cpu1, t1 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
         rss = _proc_rss(agent.pid)
     finally:
@@ -169,7 +180,7 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
             "records": records, "records_per_sec": records / elapsed,
             "agent_cpu_seconds_per_million": (cpu1 - cpu0) / records * 1e6 if records else None,
             "agent_cpu_share": (cpu1 - cpu0) / elapsed, "agent_rss_mb": rss / 1e6,
-            "clean_exit": clean_exit}
+            "clean_exit": clean_exit, **probed}
 
 
 def validation_costs(record_size=200, number=100000):
