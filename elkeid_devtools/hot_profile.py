@@ -10,8 +10,9 @@ others' numbers:
 
 1. clean: CPU of every thread of the agent from /proc/<pid>/task/*/stat,
    grouped by thread name (the Python main thread is the event loop; grpc's
-   C-core threads are named ``grpc_global_tim``, ``default-executo`` ...),
-   records/s and gRPC messages/s from the devcenter;
+   C-core threads are named ``event_engine``, ``grpc_global_tim`` ...),
+   records/s and gRPC messages/s from the devcenter, and the CPU of the
+   plugin and of the devcenter (which of the three saturates first);
 2. ``strace -c -f`` for ``--strace`` seconds: syscall counts per second
    (epoll_wait = loop wake-ups, read = pipe reads, sendmsg/write = socket
    writes, futex = thread hand-offs);
@@ -41,19 +42,37 @@ from .plugin_bench import measure_agent
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Stages of the record path, matched against py-spy frames (innermost
-# first wins): "name": regex on "function (file)".
+# Stages of the record path, matched against py-spy frames ("function
+# (file:line)"): a stack counts for the first stage, in this order, that
+# any of its frames matches.
 STAGES = (
-    ("frame checks", r"check_record|FrameDecoder\.feed|\bfeed \(.*ingest\.py"),
-    ("queue put", r"\bput(_many)? \(.*queue\.py|_wake|_make_room"),
-    ("queue take/wait", r"take_batch|wait_ready"),
+    ("frame checks", r"check_record|FrameDecoder\.feed"),
+    ("queue", r"RecordQueue\.|_resolve \("),
     ("splice", r"packaged_data"),
-    ("delivery", r"delivery\.py"),
-    ("grpc.aio writes", r"\bwrite \(.*grpc|_cython|cygrpc|grpc/aio|grpc_"),
+    ("delivery", r"Delivery\."),
+    ("grpc.aio writes", r"_StreamRequestMixin|grpc/aio"),
+    ("timers and heartbeats", r"ticker\.py|heartbeat|Spool\.run|_supervise|_host_metrics_loop|"
+                              r"_poll_latest|sdnotify|ProcessSampler|_sample_loop"),
     ("pipe reads", r"_read_ready|data_received"),
-    ("timers and heartbeats", r"ticker\.py|heartbeat|resources\.py|sdnotify|latest"),
-    ("event loop", r"_run_once|select|epoll|base_events|events\.py"),
+    ("sender loop", r"_send_loop"),
+    ("event loop", r"_run_once|run_forever"),
 )
+
+
+def _cpu(pid):
+    return (read_proc(pid) or (0, 0, 0.0))[2]
+
+
+def children(pid):
+    """Child pids of ``pid`` (the plugins of an agent)."""
+    out = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
 
 
 def thread_cpu(pid):
@@ -134,37 +153,47 @@ def perf_top(pid, seconds, out_path, limit=40, sort="comm,dso"):
     return rows
 
 
-def stage_shares(path, thread_pattern=r"thread \(0x[0-9a-f]+\)|MainThread"):
-    """Share of the main thread's py-spy samples per ``STAGES`` entry
-    (a stack counts for its innermost matching stage; idle is epoll_wait
-    with nothing of ours above it)."""
+def stage_shares(path):
+    """{stage: share of the main thread's busy py-spy samples} (``STAGES``;
+    "other" for none); also "busy samples" and "idle samples" (the
+    innermost frame is epoll_wait: the loop sleeping)."""
     compiled = [(name, re.compile(rx)) for name, rx in STAGES]
     totals = collections.Counter()
-    main = 0
+    idle = 0
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             frames = stack.split(";")
-            if not frames or "MainThread" not in frames[0] and \
-                    not re.search(r"\(%s\)" % "MainThread", frames[0]):
-                if "process" not in frames[0] or "MainThread" not in stack:
-                    continue
+            if "MainThread" not in frames[0]:
+                continue
             n = int(count)
-            main += n
-            if "epoll_wait" in frames[-1] or "select" in frames[-1] and len(frames) < 8:
-                totals["idle (epoll_wait)"] += n
+            if "epoll_wait" in frames[-1]:
+                idle += n
                 continue
             label = "other"
-            for frame in reversed(frames):
-                for name, rx in compiled:
-                    if rx.search(frame):
-                        label = name
-                        break
-                else:
-                    continue
-                break
+            for name, rx in compiled:
+                if any(rx.search(frame) for frame in frames[1:]):
+                    label = name
+                    break
             totals[label] += n
-    return {k: v / main for k, v in totals.items()} if main else {}
+    busy = sum(totals.values())
+    out = {k: v / busy for k, v in totals.items()} if busy else {}
+    out.update({"busy samples": busy, "idle samples": idle})
+    return out
+
+
+def us_per_record(result):
+    """{row: microseconds of agent CPU per record}: the main thread's CPU
+    split by its py-spy stage shares, plus the other threads (grpc's C
+    core, executors) from /proc."""
+    rps = result["records_per_sec"]
+    main = result["threads"].get("main (event loop)", 0.0)
+    rows = {"all threads (from /proc)": result["cpu_share"] / rps * 1e6,
+            "other threads (grpc C core, executors)": (result["cpu_share"] - main) / rps * 1e6}
+    for name, share in result.get("main_thread_stages", {}).items():
+        if not name.endswith("samples"):
+            rows[name] = share * main / rps * 1e6
+    return rows
 
 
 def profile(rate=5000, seconds=20.0, strace_seconds=10.0, spy_seconds=20.0, out_dir=None,
@@ -174,18 +203,21 @@ def profile(rate=5000, seconds=20.0, strace_seconds=10.0, spy_seconds=20.0, out_
     result = {}
 
     def probe(pid, dc, agent_id, _seconds):
+        plugins = children(pid)
+
         def sample():
             stat = dc.stat()
             per = stat.get("agents", {}).get(agent_id, {})
-            return (time.monotonic(), thread_cpu(pid), (read_proc(pid) or (0, 0, 0.0))[2],
-                    stat["records_total"], per.get("messages", 0))
-        t0, th0, cpu0, n0, m0 = sample()
+            return (time.monotonic(), thread_cpu(pid), _cpu(pid), stat["records_total"],
+                    per.get("messages", 0), sum(map(_cpu, plugins)), _cpu(dc.proc.pid))
+        t0, th0, cpu0, n0, m0, pl0, dc0 = sample()
         time.sleep(seconds)
-        t1, th1, cpu1, n1, m1 = sample()
+        t1, th1, cpu1, n1, m1, pl1, dc1 = sample()
         dt = t1 - t0
         records = n1 - n0
         result.update(records_per_sec=records / dt, messages_per_sec=(m1 - m0) / dt,
-                      cpu_share=(cpu1 - cpu0) / dt,
+                      cpu_share=(cpu1 - cpu0) / dt, plugin_cpu_share=(pl1 - pl0) / dt,
+                      server_cpu_share=(dc1 - dc0) / dt,
                       us_per_record=(cpu1 - cpu0) / records * 1e6 if records else None,
                       threads=thread_shares(th0, th1, dt, pid))
         if strace_seconds:
@@ -198,6 +230,7 @@ def profile(rate=5000, seconds=20.0, strace_seconds=10.0, spy_seconds=20.0, out_
             if os.path.exists(got):
                 result["pyspy_raw"] = got
                 result["main_thread_stages"] = stage_shares(got)
+                result["us_per_record_by_stage"] = us_per_record(result)
             else:
                 result["pyspy_raw"] = got
         return {}
