@@ -40,6 +40,7 @@ from .host.heartbeat import Heartbeat
 from .metrics import Registry
 from .buffer.queue import RecordQueue
 from .buffer.spool import Spool
+from .runtime.alloc import keep_large_buffers_on_heap
 from .runtime.ctlsock import ControlError, ControlServer, socket_path
 from .runtime.executors import Executors
 from .services.records import Reports
@@ -504,4 +505,5 @@ async def _main(settings):
 
 def run_agent(settings):
     """Run until SIGTERM/SIGINT or server task 1060; return the exit code."""
+    keep_large_buffers_on_heap()
     return asyncio.run(_main(settings))

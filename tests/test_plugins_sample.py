@@ -61,7 +61,8 @@ def test_config_layers_and_validation(tmp_path):
     cfg = load_config(path, '{"heartbeat_interval": 2, "load": {"records_per_sec": 10}}')
     assert cfg["agent_id"] == "from-file" and cfg["heartbeat_interval"] == 2.0
     assert cfg["load"] == {"records_per_sec": 10.0, "record_size": 300,
-                           "data_type": DEFAULTS["load"]["data_type"], "high_priority": False}
+                           "data_type": DEFAULTS["load"]["data_type"], "high_priority": False,
+                           "flush_log": ""}
     assert load_config(str(tmp_path / "absent.json"), "")["http_port"] == 8081
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path / "absent.json"), "", required=True)

@@ -172,6 +172,7 @@ class Transport:
         # is for what memory holds.
         self.queue.stop_spool_reads()
         self._drain.set()
+        self.queue.interrupt()
         task = self._run_task
         if task is not None and not task.done() \
                 and not d.nothing_to_deliver(self.queue.pending(), self._call is not None):
@@ -394,16 +395,10 @@ class Transport:
     async def _records_or_drain(self):
         """Wait for the first record, or for a drain request (the drain must
         half-close even if nothing arrives)."""
-        if self._drain.is_set():
-            return
-        ready = asyncio.ensure_future(self.queue.wait_ready(0, 1, 1))
-        drain = asyncio.ensure_future(self._drain.wait())
-        try:
-            await asyncio.wait((ready, drain), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            drain.cancel()
-            await asyncio.gather(ready, drain, return_exceptions=True)
+        if not self._drain.is_set():
+            # ``stop`` interrupts this wait (one future per idle spell, not
+            # two tasks).
+            await self.queue.first_record()
 
     async def _recv_loop(self, call):
         while True:

@@ -383,7 +383,7 @@ class Store:
             received_at = time.time()
         if self.counting:
             if self.seq is not None:
-                self.seq.add_message(pd)
+                self.seq.add_message(pd, received_at)
             types = [r.data_type for r in pd.records]
             agent_id = pd.agent_id
             with self._lock:
