@@ -17,6 +17,9 @@ import socket
 import ssl
 import time
 
+from . import credentials
+from .channel import tls_paths
+
 log = logging.getLogger(__name__)
 
 REPORT_EVERY = 60.0
@@ -24,10 +27,6 @@ REPORT_EVERY = 60.0
 # accepted us answers with its own SETTINGS, one that did not sends an alert.
 _H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _READ_WAIT = 2.0
-# Verify codes meaning "no path from this certificate to our CA"
-# (X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT[_LOCALLY], DEPTH_ZERO_SELF_SIGNED,
-# SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_VERIFY_LEAF_SIGNATURE).
-_NOT_OUR_CA = (2, 18, 19, 20, 21)
 # TLS alerts a server sends about the client certificate.
 _CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
                        "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "CERTIFICATE_UNKNOWN",
@@ -60,7 +59,7 @@ def classify(exc, stage, address, timeout=None, ca="", cert=""):
         return Diagnosis("timeout", "%s accepted the connection but did not answer TLS "
                          "within %g s" % (address, timeout or 0))
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code in _NOT_OUR_CA:
+        if exc.verify_code in credentials.NOT_OUR_CA:
             return Diagnosis("unknown_ca", "the server certificate of %s is not signed by our "
                              "CA %s (%s)" % (address, ca, exc.verify_message))
         return Diagnosis("server_cert", "the server certificate of %s was refused: %s"
@@ -181,7 +180,11 @@ class DialDiagnosis:
     """Probe after each failed dial; count every one, log each endpoint and
     reason at most once per ``every`` seconds."""
 
-    def __init__(self, settings, metrics, executors, every=REPORT_EVERY, clock=time.monotonic):
+    def __init__(self, settings, metrics, executors, every=REPORT_EVERY, clock=time.monotonic,
+                 credential_set=None):
+        """``credential_set``: returns the CredentialSet dials use, to say
+        why the server refused it (default: the files)."""
+        self.credential_set = credential_set
         self.settings = settings
         self.metrics = metrics
         self.executors = executors
@@ -200,9 +203,26 @@ class DialDiagnosis:
             d = Diagnosis("other", "probe failed: %s" % (e,))
         if d.reason == "ok":
             d.text += "; grpc said: %s" % (error,)
+        elif d.reason == "client_cert_rejected":
+            d = self._why_rejected(d)
         self.metrics.inc("dial_failures", reason=d.reason)
         self.report(address, net_mode, d)
         return d
+
+    def _why_rejected(self, d):
+        """A refused client certificate that is expired, not yet valid or
+        not signed by our CA: name that, with the file and the date."""
+        try:
+            if self.credential_set is not None:
+                cred_set = self.credential_set()
+            else:
+                cred_set = credentials.load(tls_paths(self.settings), strict=False)
+        except Exception:  # the files may be gone; the plain diagnosis stands
+            return d
+        problem = cred_set.problem
+        if problem is None:
+            return d
+        return Diagnosis("client_cert_" + problem.reason, "%s; %s" % (d.text, problem))
 
     def report(self, address, net_mode, d):
         now = self._clock()
