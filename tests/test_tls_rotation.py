@@ -183,6 +183,24 @@ def test_client_certificate_rotated_from_the_same_ca_under_load(rotation):
     assert 3640 < float(beat["cert_expire_days"]) < 3651, beat
     assert 3640 < float(beat["ca_expire_days"]) < 3651, beat
     assert 3640 < r.metrics()["tls_cert_expiry_days"] < 3651
+    # What elkeidctl status shows as in use.
+    with open(os.path.join(r.agent.workdir, "tmp", "tls-in-use.json")) as f:
+        in_use = json.load(f)
+    assert in_use["pid"] == r.agent.pid
+    assert int(in_use["set"]["cert"]["serial"], 16) == new.cert.serial_number
+
+
+def test_sighup_checks_the_files_at_once(rotation):
+    r = rotation("sighup", agent_args=["--tls-check-seconds", "3600"])
+    r.start(seconds=1)
+    new = r.swap(r.client(), r.ca)
+    time.sleep(1)
+    assert r.stream_cert() != der_sha256(new.cert_pem)  # no check due for an hour
+    r.agent.signal(signal.SIGHUP)
+    r.wait_stream_cert(new.cert_pem, timeout=15)
+    assert r.agent.alive and "SIGHUP: checking the TLS files" in r.agent.log_text()
+    t = r.settle()
+    assert t.missing == 0, t
 
 
 def test_rotation_to_a_new_ca_the_server_trusts(rotation):
