@@ -34,6 +34,7 @@ the server decides (clocks drift); the watcher never replaces a working set
 with one that has a problem.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -143,7 +144,23 @@ def validate(ca, cert, key, now=None, paths=None, strict=True):
     now = time.time() if now is None else now
     paths = dict(paths or {})
     name = {w: paths.get(w) or w for w in FILES}
-    tmp = tempfile.mkdtemp(prefix="elkeid-tls-")  # 0700
+    with written(ca, cert, key) as files:
+        ca_info = _parse_cert("ca", ca, files["ca"], name)
+        cert_info = _parse_cert("cert", cert, files["cert"], name)
+        _check_key(files, name)
+        problem = _dates("cert", cert_info, now, name) or _dates("ca", ca_info, now, name) \
+            or _chain(files, name)
+    if problem is not None and strict:
+        raise problem
+    return CredentialSet(ca, cert, key, cert_info, ca_info, paths, problem)
+
+
+@contextlib.contextmanager
+def written(ca, cert, key):
+    """{"ca", "cert", "key": path} of the bytes written to a private
+    directory (0700, files 0600) for the duration of the block, for the
+    ``ssl`` calls that only take files."""
+    tmp = tempfile.mkdtemp(prefix="elkeid-tls-")
     try:
         files = {}
         for what, data in (("ca", ca), ("cert", cert), ("key", key)):
@@ -151,16 +168,9 @@ def validate(ca, cert, key, now=None, paths=None, strict=True):
             fd = os.open(files[what], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        ca_info = _parse_cert("ca", ca, files["ca"], name)
-        cert_info = _parse_cert("cert", cert, files["cert"], name)
-        _check_key(files, name)
-        problem = _dates("cert", cert_info, now, name) or _dates("ca", ca_info, now, name) \
-            or _chain(files, name)
+        yield files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if problem is not None and strict:
-        raise problem
-    return CredentialSet(ca, cert, key, cert_info, ca_info, paths, problem)
 
 
 def read_files(paths):

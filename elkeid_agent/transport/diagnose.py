@@ -6,9 +6,11 @@ library, step by step as grpc does it: TCP connect, TLS handshake with the
 same CA, client certificate and server name (ALPN h2), then one read,
 because TLS 1.3 reports a rejected client certificate only after the
 handshake. ``classify`` (pure) turns what broke into a reason; ``probe`` is
-the blocking probe; ``DialDiagnosis`` runs it off the loop, counts
-``dial_failures{reason}`` and logs each endpoint+reason at most once a
-minute.
+the blocking probe (``probe_set`` with the credential set in memory, which
+after a refused rotation is not what the files hold); a refused client
+certificate that is expired, not yet valid or not of our CA is named so.
+``DialDiagnosis`` runs it off the loop, counts ``dial_failures{reason}``
+and logs each endpoint+reason at most once a minute.
 """
 
 import ipaddress
@@ -132,9 +134,20 @@ def _split(address):
     return host.strip("[]"), int(port)
 
 
-def probe(address, ca, cert, key, server_name, timeout):
+def probe_set(address, cred_set, server_name, timeout):
+    """``probe`` with a CredentialSet (the one dials use, which after a
+    refused rotation is not what the files hold); messages name its files."""
+    with credentials.written(cred_set.ca, cred_set.cert, cred_set.key) as files:
+        return probe(address, files["ca"], files["cert"], files["key"], server_name, timeout,
+                     shown=cred_set.paths)
+
+
+def probe(address, ca, cert, key, server_name, timeout, shown=None):
     """Blocking: dial ``address`` as grpc would and say what breaks.
-    Returns a Diagnosis; reason ``ok`` when nothing below gRPC is wrong."""
+    Returns a Diagnosis; reason ``ok`` when nothing below gRPC is wrong.
+    ``shown``: the paths to name in messages instead of ``ca`` and ``cert``."""
+    shown = shown or {}
+    ca_name, cert_name = shown.get("ca", ca), shown.get("cert", cert)
     try:
         sock = socket.create_connection(_split(address), timeout)
     except (OSError, ValueError) as e:
@@ -155,7 +168,7 @@ def probe(address, ca, cert, key, server_name, timeout):
         try:
             tls = ctx.wrap_socket(sock, server_hostname=server_name)
         except OSError as e:
-            return classify(e, "tls", address, timeout, ca, cert)
+            return classify(e, "tls", address, timeout, ca_name, cert_name)
         sock = tls
         names = peer_names(tls.getpeercert())
         if not name_matches(server_name, names):
@@ -166,11 +179,11 @@ def probe(address, ca, cert, key, server_name, timeout):
             tls.sendall(_H2_HELLO)
             tls.settimeout(min(timeout, _READ_WAIT))
             if not tls.recv(1):
-                return _silent_close(address, cert)
+                return _silent_close(address, cert_name)
         except (socket.timeout, TimeoutError):
             pass  # silence after our hello is not a refusal
         except OSError as e:
-            return classify(e, "read", address, timeout, ca, cert)
+            return classify(e, "read", address, timeout, ca_name, cert_name)
         return Diagnosis("ok", "TCP, TLS and certificates with %s are fine" % address)
     finally:
         sock.close()
@@ -182,8 +195,9 @@ class DialDiagnosis:
 
     def __init__(self, settings, metrics, executors, every=REPORT_EVERY, clock=time.monotonic,
                  credential_set=None):
-        """``credential_set``: returns the CredentialSet dials use, to say
-        why the server refused it (default: the files)."""
+        """``credential_set``: returns the CredentialSet dials use; the
+        probe presents it, and a refusal says what is wrong with it
+        (default: the files)."""
         self.credential_set = credential_set
         self.settings = settings
         self.metrics = metrics
@@ -195,10 +209,15 @@ class DialDiagnosis:
 
     async def __call__(self, address, net_mode, error):
         s = self.settings
+        timeout = min(s.dial_timeout, 10.0)
         try:
-            d = await self.executors.run("discovery", probe, address, s.path(s.ca),
-                                         s.path(s.cert), s.path(s.key), s.server_name,
-                                         min(s.dial_timeout, 10.0))
+            if self.credential_set is not None:
+                d = await self.executors.run("discovery", probe_set, address,
+                                             self.credential_set(), s.server_name, timeout)
+            else:
+                d = await self.executors.run("discovery", probe, address, s.path(s.ca),
+                                             s.path(s.cert), s.path(s.key), s.server_name,
+                                             timeout)
         except Exception as e:  # a probe that cannot run must not stop the dial loop
             d = Diagnosis("other", "probe failed: %s" % (e,))
         if d.reason == "ok":
