@@ -27,6 +27,11 @@ not in one burst, and resumes at most ~10 s after the server is back
 exits after six failures, discarding what it holds). Nothing from outside
 (a discovery answer, a broken stream, a dial) ends the connect loop: it is
 logged, counted, and the loop carries on.
+
+New TLS credentials (``use_credentials``, from transport/tlswatch.py) are
+used from the next dial; the open stream is re-established at a quiet
+moment with the drain's receipt (half-close, the server's clean end) and
+redialled at once, so a rotation neither loses nor repeats records.
 """
 
 import asyncio
