@@ -363,3 +363,24 @@ def test_an_expired_client_certificate_refused_by_the_server_is_named(tmp_path):
             assert agent.stop() == 0
     finally:
         server.stop()
+
+
+def test_the_dial_probe_presents_the_set_in_memory_and_names_its_files(tmp_path):
+    from elkeid_agent.transport import credentials, diagnose
+    server = fh.SeqServer(os.path.join(str(tmp_path), "server"))
+    try:
+        ca = certs.load_ca(server.certs)
+        paths = {"ca": "/etc/elkeid/cert/ca.crt", "cert": "/etc/elkeid/cert/client.crt",
+                 "key": "/etc/elkeid/cert/client.key"}  # named only, never read
+        good = certs.issue_cert(ca, "elkeid-agent", "client")
+        in_memory = credentials.validate(ca.cert_pem, good.cert_pem, good.key_pem, paths=paths)
+        d = diagnose.probe_set(server.grpc, in_memory, "elkeid.com", 5)
+        assert d.reason == "ok", d
+        foreign = certs.issue_cert(certs.make_ca("not ours"), "elkeid-agent", "client")
+        refused = credentials.validate(ca.cert_pem, foreign.cert_pem, foreign.key_pem,
+                                       paths=paths, strict=False)
+        d = diagnose.probe_set(server.grpc, refused, "elkeid.com", 5)
+        assert d.reason == "client_cert_rejected", d
+        assert "rejected our client certificate /etc/elkeid/cert/client.crt" in d.text, d
+    finally:
+        server.stop()
