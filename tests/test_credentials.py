@@ -310,3 +310,21 @@ def test_a_cycle_the_server_did_not_confirm_replays_the_window():
     d.half_close_sent()
     ended = d.stream_ended(server_ok=False, now=2.0, pending=0)
     assert not ended.confirmed and ended.replayed == 1 and ended.next == REDIAL_NOW
+
+
+def test_the_key_is_checked_from_memory_not_copied_to_disk(pki, monkeypatch, tmp_path):
+    monkeypatch.setattr(cr.tempfile, "tempdir", str(tmp_path))
+    with cr.written(b"ca-bytes", b"cert-bytes", b"key-bytes") as files:
+        assert all(p.startswith("/proc/self/fd/") for p in files.values()), files
+        with open(files["key"], "rb") as f:
+            assert f.read() == b"key-bytes"
+        assert os.listdir(str(tmp_path)) == []
+    # Without memfd the private directory serves, and is gone afterwards.
+    monkeypatch.delattr(os, "memfd_create")
+    with cr.written(b"ca-bytes", b"cert-bytes", b"key-bytes") as files:
+        assert os.path.dirname(files["key"]).startswith(str(tmp_path))
+        with open(files["key"], "rb") as f:
+            assert f.read() == b"key-bytes"
+    assert os.listdir(str(tmp_path)) == []
+    # Validation gives the same answer either way.
+    assert validate(pki).cert_info.subject

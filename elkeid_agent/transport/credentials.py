@@ -11,10 +11,11 @@ credentials through here: one validation code path.
 Standard library only. Two choices want a word:
 
 - ``ssl`` parses keys and certificates only from files
-  (``load_cert_chain``, ``_test_decode_cert``), so the bytes are written
-  to a private directory (0700, removed at once) for the duration of the
-  check. A memfd would avoid the disk, but ``/proc/self/fd`` paths are
-  Linux-only and the temp dir is the same code everywhere.
+  (``load_cert_chain``, ``_test_decode_cert``), so the bytes are put in
+  anonymous memory files (memfd, opened as ``/proc/self/fd/N``) for the
+  duration of the check: the private key is not copied to any disk. Where
+  memfd or /proc is missing, a private directory (0700, removed at once)
+  serves instead.
 - "The certificate chains to the CA" is checked by a TLS handshake in
   memory (two ``SSLObject`` over ``MemoryBIO`` pairs, no socket): a server
   context that trusts only the CA and requires a client certificate, and
@@ -157,9 +158,22 @@ def validate(ca, cert, key, now=None, paths=None, strict=True):
 
 @contextlib.contextmanager
 def written(ca, cert, key):
-    """{"ca", "cert", "key": path} of the bytes written to a private
-    directory (0700, files 0600) for the duration of the block, for the
-    ``ssl`` calls that only take files."""
+    """{"ca", "cert", "key": path} holding the bytes for the duration of the
+    block, for the ``ssl`` calls that only take files. Anonymous memory
+    files (memfd, reached as /proc/self/fd/N) where Linux has them, so the
+    private key never touches a disk; else a private directory (0700,
+    files 0600) removed at once."""
+    try:
+        fds = _memfds((("ca", ca), ("cert", cert), ("key", key)))
+    except (AttributeError, OSError):
+        fds = None
+    if fds is not None:
+        try:
+            yield {what: "/proc/self/fd/%d" % fd for what, fd in fds.items()}
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return
     tmp = tempfile.mkdtemp(prefix="elkeid-tls-")
     try:
         files = {}
@@ -171,6 +185,26 @@ def written(ca, cert, key):
         yield files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _memfds(items):
+    """{what: fd} of memfds holding each item's bytes, readable through
+    /proc/self/fd; raises AttributeError/OSError where that is not there."""
+    fds = {}
+    try:
+        for what, data in items:
+            fd = os.memfd_create("elkeid-tls-" + what, os.MFD_CLOEXEC)
+            fds[what] = fd
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        # ssl opens the path itself: make sure this host's /proc serves it.
+        os.stat("/proc/self/fd/%d" % fds["key"])
+        return fds
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
 
 
 def read_files(paths):
