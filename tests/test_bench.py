@@ -81,7 +81,7 @@ def test_perf_table_quick_prints_every_row_with_numbers(tmp_path):
         assert re.match(number + "/s " + number + " MB/s", lines[label]), text
     assert re.search(r"^  machine: \d+ vCPU, .+; Python [\d.]+; grpcio ", text, re.M), text
     # Every step of the lossless search accounted for each record written.
-    steps = re.findall(r"delivered (\d+) of (\d+)\)", text)
+    steps = re.findall(r"delivered (\d+) of (\d+),", text)
     assert steps and all(a == b for a, b in steps), text
 
 
