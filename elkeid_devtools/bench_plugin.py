@@ -15,8 +15,9 @@ loopback).
 DETAIL (JSON): ``rate`` records/s (-1: as fast as the pipe takes them),
 ``size`` bytes per record (default 200), ``progress`` a file rewritten
 every 200 ms with {"pid", "written", "cpu", "done"} (records in the pipe
-so far, this process's CPU seconds, true once it stopped for good), ``stamp_after`` seconds of warm-up before
-stamps start, ``data_type`` (default 9100).
+so far, this process's CPU seconds, true once it stopped for good),
+``stamp_after`` seconds of warm-up before stamps start, ``data_type``
+(default 9100).
 
 ``install(workdir, name)`` puts it where the agent looks for plugin ``name``;
 ``python -m elkeid_devtools.bench_plugin --dry SECONDS`` writes to /dev/null

@@ -73,9 +73,12 @@ def test_perf_table_quick_prints_every_row_with_numbers(tmp_path):
         assert re.match(number + " ms", lines[label]), text
     for label in ("idle RSS", "RSS at 5,000/s"):
         assert re.match(number + " MB", lines[label]), text
-    assert re.match(r"agent \d+% devcenter \d+% plugin \d+% \(limit: ", lines["CPU at full speed"])
-    assert re.match(r"(< )?" + number + "/s", lines["lossless max, agent on 1 core"]), text
-    assert re.match(r"((< )?" + number + "/s|n/a \\()", lines["lossless max, CPUQuota=10%"]), text
+    assert re.match(r"agent \d+% devcenter \d+% plugin \d+%(, pipe held \d+x)? \(limit: ",
+                    lines["CPU at full speed"]), text
+    found = number + r"/s \(agent " + number + r" us/record\)"
+    assert re.match("(< %s/s|%s)" % (number, found), lines["lossless max, agent on 1 core"]), text
+    assert re.match("(< %s/s|%s|n/a \\()" % (number, found),
+                    lines["lossless max, CPUQuota=10%"]), text
     assert lines["idle RSS, zipapp"].startswith("-"), text  # --no-zipapp
     for label in ("spool write", "spool replay"):
         assert re.match(number + "/s " + number + " MB/s", lines[label]), text
