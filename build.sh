@@ -156,7 +156,7 @@ case "$cmd" in
             plugins) shift
                 exec "$VENV/bin/python" -m elkeid_devtools.plugin_bench --e2e --plugins 1 4 "$@" ;;
             *)
-                say "the performance table, pure and accel (~10 min; --quick, --json, --only pure|accel)"
+                say "the performance table, pure and accel (~7 min; --quick, --json, --only pure|accel)"
                 exec "$VENV/bin/python" -m elkeid_devtools.perf_table "$@" ;;
         esac
         ;;

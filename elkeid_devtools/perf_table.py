@@ -66,7 +66,8 @@ RECORD_SIZE = 200
 AGENT_CORE, OTHER_CORE = 1, 0
 # Pipe holds are flow control (the plugin waits), not loss: reported apart.
 HELD = "plugin_ingest_held"
-SATURATED = 0.90  # share of one core at which a process counts as the limit
+SATURATED = 0.90
+BUSY = 0.75  # ... and at which the agent, holding its pipe, is CPU-bound  # share of one core at which a process counts as the limit
 
 DURATIONS = {
     "full": {"idle": 30.0, "warmup": 5.0, "steady": 30.0, "fast": 10.0, "window": 8.0,
@@ -432,8 +433,10 @@ def measure_speed(base, env, d):
                      if v >= SATURATED]
         if not saturated and held:
             # No process at its core's limit, yet the agent's queue stayed
-            # over high water: what drains it (the stream) set the pace.
-            saturated = ["agent's sender"]
+            # over high water: the agent set the pace - its CPU when it was
+            # near its core's limit (other processes share that core here),
+            # otherwise what drains the queue (the stream).
+            saturated = ["agent" if shares["agent"] >= BUSY else "agent's sender"]
         out.update(full_rate=records / elapsed,
                    cpu_us_full=cpu["agent"] / records * 1e6 if records else None,
                    full_shares=shares, full_held=held, saturated=saturated)
@@ -573,12 +576,15 @@ def rows(results):
             return text
         return fmt
 
-    def saturation(col):
-        shares = col.get("full_shares") or {}
-        text = " ".join("%s %.0f%%" % (k, v * 100) for k, v in sorted(shares.items()))
+    def shares(col):
+        return " ".join("%s %.0f%%" % (k, v * 100)
+                        for k, v in sorted((col.get("full_shares") or {}).items())) or "-"
+
+    def limit(col):
+        text = ", ".join(col.get("saturated") or []) or "none"
         if col.get("full_held"):
-            text += ", pipe held %dx" % col["full_held"]
-        return "%s (limit: %s)" % (text, ", ".join(col.get("saturated") or []) or "none")
+            text += " (pipe held %dx)" % col["full_held"]
+        return text
 
     return [
         ("CPU/record at 5,000/s", "cpu_us_5k", lambda c: _num(c.get("cpu_us_5k"), "%.2f us"),
@@ -592,7 +598,8 @@ def rows(results):
         ("full speed, agent on 1 core", "full_rate", lambda c: _rate(c.get("full_rate")), None),
         ("CPU/record at full speed", "cpu_us_full",
          lambda c: _num(c.get("cpu_us_full"), "%.2f us"), None),
-        ("CPU at full speed", "full_shares", saturation, None),
+        ("CPU at full speed", "full_shares", shares, None),
+        ("limit at full speed", "saturated", limit, None),
         ("lossless max, agent on 1 core", "lossless_one_core", lossless("one_core"),
          "lossless_one_core"),
         ("lossless max, CPUQuota=10%", "lossless_quota", lossless("quota"), None),
@@ -661,11 +668,12 @@ def footnotes(results, meta):
             " (zipapp rows skipped: %s)" % meta.get("pyz_error", "--no-zipapp")),
         "CPU/record: agent utime+stime (all threads) / records the server counted, idle "
         "cost included; latency: plugin's write -> devcenter's receipt",
-        "MB = VmRSS kB / 1000; pure = ELKEID_ACCEL=0; full speed and lossless: agent "
-        "pinned to core %d, plugin and devcenter to core %d; CPU at full speed: %% of one "
-        "core, the limit is whichever process used >= %d %% (else the agent's sender when "
-        "its queue stayed over high water, so it held the plugin's pipe)" % (
-            AGENT_CORE, OTHER_CORE, SATURATED * 100),
+        "MB = VmRSS kB / 1000; pure = ELKEID_ACCEL=0",
+        "full speed and lossless: agent pinned to core %d, plugin and devcenter to core %d; "
+        "CPU: %% of one core" % (AGENT_CORE, OTHER_CORE),
+        "limit: whichever process used >= %d %%, else the agent when its queue stayed "
+        "over high water (it held the plugin's pipe): \"agent\" at >= %d %% CPU, "
+        "\"agent's sender\" below" % (SATURATED * 100, BUSY * 100),
         "the bench plugin alone writes %s into /dev/null (its own ceiling)"
         % " / ".join(_rate(c.get("plugin_max_rate")) for c in results.values()),
         "lossless: plugin kept >= 97%% of the rate for %.0f s, every record it wrote "
@@ -710,7 +718,15 @@ def main(argv=None):
     p.add_argument("--only", choices=("pure", "accel"), help="one column")
     p.add_argument("--no-zipapp", action="store_true", help="skip the zipapp rows")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--render", metavar="FILE",
+                   help="measure nothing: print the table of results saved with --save")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            doc = json.load(f)
+        print(render(doc["results"], doc["machine"]))
+        return 0
     d = DURATIONS["quick" if args.quick else "full"]
     if (os.cpu_count() or 1) < 2:
         global AGENT_CORE
@@ -736,8 +752,12 @@ def main(argv=None):
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
     progress("done in %.0f s" % (time.monotonic() - started))
+    doc = json.dumps({"results": results, "machine": meta}, indent=2, default=str)
+    if args.save:
+        with open(args.save, "w") as f:
+            f.write(doc + "\n")
     if args.json:
-        print(json.dumps({"results": results, "machine": meta}, indent=2, default=str))
+        print(doc)
     else:
         print(render(results, meta))
     return 0
