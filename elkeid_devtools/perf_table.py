@@ -500,13 +500,29 @@ def measure_spool(env, d):
 
 # ---------------------------------------------------------------- columns
 
-def accel_built(env):
+_ACCEL_PROBE = ("import json\n"
+                "try:\n"
+                "    from elkeid_agent import native\n"
+                "    print(json.dumps([native.ACTIVE, native.REASON]))\n"
+                "except ImportError as exc:\n"
+                "    print(json.dumps([False, 'this checkout has no elkeid_agent.native (%s)'"
+                " % exc]))\n")
+
+
+def accel_state(env):
+    """(active, reason) of the C hot path as the agent would pick it with
+    ``env`` (elkeid_agent.native decides; an importable _accel that this
+    checkout does not use counts as not built)."""
     full_env = dict(os.environ)
     full_env.update(env)
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", "import elkeid_agent._accel"], env=full_env,
-                          cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    out = subprocess.run([sys.executable, "-c", _ACCEL_PROBE], env=full_env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        active, reason = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return False, "probe failed: %s" % out.stderr.decode("utf-8", "replace")[-200:]
+    return bool(active), reason
 
 
 def build_pyz(base):
@@ -528,7 +544,8 @@ def pyz_has_accel(pyz):
 
 def run_column(name, base, d, pyz):
     env = {"ELKEID_ACCEL": "0"} if name == "pure" else {}
-    col = {"accel_active": False if name == "pure" else accel_built(env),
+    active, reason = accel_state(env)
+    col = {"accel_active": active, "accel_reason": reason,
            "plugin_max_rate": bench_plugin.dry_rate(0.5)}
     progress("%s: idle, then %d records/s (python -m elkeid_agent)" % (name, RATE_5K))
     col.update(measure_idle_and_5k(os.path.join(base, name + "-5k"), env, d))
@@ -680,6 +697,8 @@ def footnotes(results, meta):
         "arrived, no queue drop or spill to the spool" % meta["window"],
     ]
     for name, col in results.items():
+        if col.get("accel_reason"):
+            notes.append("%s hot path: %s" % (name, col["accel_reason"]))
         if col.get("quota_kind"):
             notes.append("%s CPUQuota=10%%: %s; unlimited-rate under the quota %s" % (
                 name, col["quota_kind"], _rate(col.get("quota_full_rate"))))
@@ -727,6 +746,8 @@ def main(argv=None):
             doc = json.load(f)
         print(render(doc["results"], doc["machine"]))
         return 0
+    if args.save:  # fail now, not after minutes of measuring
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
     d = DURATIONS["quick" if args.quick else "full"]
     if (os.cpu_count() or 1) < 2:
         global AGENT_CORE
