@@ -25,7 +25,8 @@ die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
 
 venv() {
     local stamp="$VENV/.installed" want
-    want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+    # setup.py and accel/: an editable install compiles the C hot path in place
+    want=$(cat pyproject.toml setup.py accel/elkeid_accel.c | sha256sum | cut -c1-16)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
     say "setting up $VENV (first run only)"
     "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
@@ -55,6 +56,12 @@ from_caller() {  # PATH: as given if absolute, else taken from where build.sh wa
 }
 
 build_zipapp() {  # ARCH OUT
+    # accel/ for arm64 needs Debian's cross gcc (without it that zipapp runs
+    # pure Python, said in one line by build_zipapp.py)
+    case "$1" in aarch64|arm64)
+        command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 ||
+            (apt_install "the arm64 accel/ build" gcc-aarch64-linux-gnu libc6-dev-arm64-cross) || true ;;
+    esac
     "$VENV/bin/python" packaging/build_zipapp.py --arch "$1" --out "$2" \
         || die "building the $1 zipapp failed"
 }
@@ -113,7 +120,7 @@ import build_zipapp; print(build_zipapp.version())') || die "cannot read the ver
 # what they lack (in CI, CI=true, they fail instead). apt waits for a dpkg
 # lock another process holds and is quiet unless it fails.
 system_tools() {
-    local missing=() log
+    local missing=()
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v rpm >/dev/null 2>&1 || missing+=(rpm)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
@@ -122,8 +129,17 @@ system_tools() {
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     { command -v unshare && command -v nsenter; } >/dev/null 2>&1 || missing+=(util-linux)
+    apt_install "the tests" "${missing[@]}"
+}
+
+# apt_install WHY PACKAGE...: install the packages (none: nothing to do) as
+# root with apt-get; elsewhere nothing happens and the caller copes.
+apt_install() {
+    local why=$1 log
+    shift
+    local missing=("$@")
     if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        say "installing ${missing[*]} for the tests"
+        say "installing ${missing[*]} for $why"
         log=$(mktemp "${TMPDIR:-/tmp}/elkeid-apt-get.XXXXXX.log") || die "mktemp failed"
         if ! { apt-get -o DPkg::Lock::Timeout=600 update -q &&
                DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install \

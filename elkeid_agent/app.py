@@ -10,7 +10,8 @@ on from then (runtime/ticker.py) instead of making up every missed tick.
 The local services supervisor (services/) keeps the services file's
 services alive, and the host-metrics collectors run on that file's
 ``collectors:`` section. Signals: SIGTERM/SIGINT graceful exit (services
-keep running), SIGHUP reload of the services file, SIGUSR1 debug endpoint,
+keep running), SIGHUP reload of the services file and a check of the TLS
+files (transport/tlswatch.py: rotation without a restart), SIGUSR1 debug endpoint,
 SIGUSR2 release memory.
 
 Start-up refuses, within seconds and with one line naming the file or
@@ -29,7 +30,7 @@ import signal
 import sys
 import time
 
-from . import PRODUCT, __version__, wire
+from . import PRODUCT, __version__, native, wire
 from .host import hostinfo, identity
 from .runtime import logs, sdnotify
 from .control.agent_tasks import AgentTasks
@@ -40,6 +41,7 @@ from .host.heartbeat import Heartbeat
 from .metrics import Registry
 from .buffer.queue import RecordQueue
 from .buffer.spool import Spool
+from .runtime.alloc import keep_large_buffers_on_heap
 from .runtime.ctlsock import ControlError, ControlServer, socket_path
 from .runtime.executors import Executors
 from .services.records import Reports
@@ -49,6 +51,7 @@ from .state import AgentState
 from .transport.channel import check_tls_files
 from .transport.diagnose import DialDiagnosis
 from .transport.stream import Transport
+from .transport.tlswatch import CredentialWatcher
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class Agent:
         self.host = None
         self._header = b""
         self.transport = None
+        self.tls = None  # transport/tlswatch.py: the TLS files, watched
         self.plugins = None
         self.services = None
         self.heartbeat = None
@@ -171,7 +175,7 @@ class Agent:
             raise LocalFault("no AgentCenter endpoint configured for region %r (--server, "
                              "--service-discovery, --public-server or ELKEID_SERVER...)"
                              % s.region)
-        check_tls_files(s)
+        tls_in_use = check_tls_files(s)
         if s.service_type == "sysvinit":
             from .runtime.pidlock import PidLock
             self.pidlock = PidLock(s.pidfile)
@@ -185,6 +189,9 @@ class Agent:
         self.refresh_host()
         log.info("elkeid-agent %s starting: id %s, workdir %s, region %s",
                  __version__, self.agent_id, s.workdir, s.region, extra={"console": True})
+        log.info(native.describe())
+        self.metrics.describe("accel_enabled", "1 when the C hot path (accel/) runs, 0 for pure Python")
+        self.metrics.set("accel_enabled", 1 if native.ACTIVE else 0)
         if self.spool is not None:
             # Before the stream starts: records spooled before a restart
             # are older than anything produced from now on.
@@ -196,7 +203,11 @@ class Agent:
         self.transport = Transport(s, self.queue, lambda: self._header, self._dispatcher(),
                                    self.metrics, executors=self.executors,
                                    on_state=sdnotify.status)
-        self.transport.diagnose = DialDiagnosis(s, self.metrics, self.executors)
+        self.transport.credential_set = tls_in_use
+        self.tls = CredentialWatcher(s, self.metrics, self.state, tls_in_use,
+                                     on_rotate=self.transport.use_credentials)
+        self.transport.diagnose = DialDiagnosis(s, self.metrics, self.executors,
+                                                credential_set=lambda: self.tls.current)
         self.tasks = AgentTasks(s, self.transport, self.metrics, self.report_failure,
                                 self.request_shutdown, self.executors, owner=self.owner,
                                 service_updates=lambda: self.service_updater)
@@ -219,6 +230,7 @@ class Agent:
             self.state.set_abnormal("update", "updates unavailable: %s: %s"
                                     % (type(e).__name__, e))
         self.owner.spawn("transport", self.transport.run)
+        self.owner.spawn("tls watch", self.tls.run)
         self.owner.spawn("heartbeat", self._heartbeat_loop)
         await self._start_local_reporting()
         sdnotify.ready("connecting")
@@ -301,7 +313,8 @@ class Agent:
                                 lambda: self.transport.connected,
                                 services=lambda: self.services,
                                 collectors=lambda: self.collectors,
-                                info={"version": __version__, "agent_id": self.agent_id},
+                                info={"version": __version__, "agent_id": self.agent_id,
+                                      "hot_path": "C" if native.ACTIVE else "pure"},
                                 started_at=self.started_at)
         try:
             await status.start()
@@ -414,7 +427,13 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.request_shutdown, "SIGINT")
         loop.add_signal_handler(signal.SIGUSR1, self._toggle_debug)
         loop.add_signal_handler(signal.SIGUSR2, self._release_memory)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_services)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self):
+        self._reload_services()
+        if self.tls is not None:
+            log.info("SIGHUP: checking the TLS files")
+            self.tls.check_now()
 
     def _toggle_debug(self):
         from .runtime import debug
@@ -500,4 +519,5 @@ async def _main(settings):
 
 def run_agent(settings):
     """Run until SIGTERM/SIGINT or server task 1060; return the exit code."""
+    keep_large_buffers_on_heap()
     return asyncio.run(_main(settings))

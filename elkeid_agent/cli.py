@@ -62,6 +62,14 @@ def _run_parser():
     run.add_argument("--dial-timeout", metavar="SECONDS",
                      help="give up one connection attempt after this long, "
                           "$ELKEID_DIAL_TIMEOUT (default: %g)" % d.dial_timeout)
+    run.add_argument("--tls-check-seconds", metavar="SECONDS",
+                     help="re-read the TLS files this often (and on SIGHUP) to pick up a "
+                          "rotated set, $ELKEID_TLS_CHECK_SECONDS (default: %g)"
+                          % d.tls_check_seconds)
+    run.add_argument("--cert-expiry-warn-days", metavar="DAYS",
+                     help="warn when the client certificate or the CA expires within this "
+                          "many days, $ELKEID_CERT_EXPIRY_WARN_DAYS (default: %g)"
+                          % d.cert_expiry_warn_days)
     run.add_argument("--status-addr", metavar="127.0.0.1:PORT",
                      help="serve GET /health, /metrics, /services and POST /heartbeat there, "
                           "$ELKEID_STATUS_ADDR, loopback only (default: off)")

@@ -11,6 +11,11 @@ and ``ELKEID_PUBLIC_SERVER`` are the ``default`` region; a suffix names
 another region (``ELKEID_SERVER_EU=10.0.0.5:6751`` is region ``eu``). The CLI
 flags set the default region. A region is "configured" when it has at least
 one endpoint; task 1051 may switch only to a configured region.
+
+``ELKEID_ACCEL=0`` (the environment only; systemd passes specified_env as
+environment) forces the pure-Python hot path; it is read at import by
+``native.py``, not here, because the hot-path modules choose their
+functions when they load.
 """
 
 import ipaddress
@@ -67,6 +72,12 @@ class Settings:
     ca: str = "cert/ca.crt"
     cert: str = "cert/client.crt"
     key: str = "cert/client.key"
+    # The TLS files are re-read this often (and on SIGHUP); a changed set
+    # that validates is used for the next dial (transport/tlswatch.py).
+    tls_check_seconds: float = 10.0
+    # Below this many days to expiry of the client certificate or the CA
+    # the agent logs a warning (once a day).
+    cert_expiry_warn_days: float = 30.0
     # The real AgentCenter certificate carries this name whatever was dialed.
     server_name: str = "elkeid.com"
     # Elkeid heartbeats every 60 s; the server's dashboards assume it.
@@ -270,6 +281,11 @@ _SCALARS = {
     "ca": (("ELKEID_CA",), _text("CA path")),
     "cert": (("ELKEID_CERT",), _text("certificate path")),
     "key": (("ELKEID_KEY",), _text("key path")),
+    "tls_check_seconds": (("ELKEID_TLS_CHECK_SECONDS",),
+                          lambda v: _number(v, "TLS check seconds", float, 0.05, 86400)),
+    "cert_expiry_warn_days": (("ELKEID_CERT_EXPIRY_WARN_DAYS",),
+                              lambda v: _number(v, "certificate expiry warning days", float, 0,
+                                                36500)),
     "server_name": (("ELKEID_SERVER_NAME",), _text("server name", r"^[A-Za-z0-9_.-]{1,253}$")),
     "heartbeat_interval": (("ELKEID_HEARTBEAT_INTERVAL",),
                            lambda v: _number(v, "heartbeat interval", float, 0.05, 86400)),

@@ -22,6 +22,7 @@ both, so a plugin frame body is forwarded unchanged as one
 
 import struct
 
+from . import native
 from .errors import WireError
 
 # Wire types.
@@ -139,6 +140,9 @@ def packaged_data(records, header):
         append(body)
     append(header)
     return b"".join(parts)
+
+
+packaged_data = native.pick(packaged_data, "packaged_data")
 
 
 def packaged_size(record_len):

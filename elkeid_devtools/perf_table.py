@@ -754,7 +754,8 @@ def main(argv=None):
         AGENT_CORE = OTHER_CORE  # nothing to separate on one CPU
     base = os.path.abspath(args.dir or tempfile.mkdtemp(prefix="elkeid-perf-"))
     os.makedirs(base, exist_ok=True)
-    meta = machine(["./build.sh", "bench"] + (sys.argv[1:] if argv is None else list(argv)))
+    meta = machine(["python", "-m", "elkeid_devtools.perf_table"]
+                   + (sys.argv[1:] if argv is None else list(argv)))
     meta["window"] = d["window"]
     started = time.monotonic()
     try:

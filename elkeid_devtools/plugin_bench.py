@@ -1,7 +1,7 @@
 """Plugin benchmarks (not tests): records/s from N sample plugins in load mode.
 
     python -m elkeid_devtools.plugin_bench [--plugins 1 4] [--seconds 5]
-        [--record-size 200] [--rate -1] [--python PATH] [--e2e] [--dir DIR]
+        [--record-size 200] [--rate -1] [--python PATH] [--e2e [--latency]] [--dir DIR]
 
 Default: the supervisor in this process feeding a RecordQueue drained like
 the sender drains it. One row per plugin count: records/s and MB/s that
@@ -15,11 +15,16 @@ plugins, sending over mutual TLS to the development AgentCenter
 (``--store counts``); records/s counted by the devcenter, CPU and RSS of the
 agent process read from /proc.
 
-``measure(...)`` and ``measure_agent(...)`` return the numbers as dicts.
+``--e2e --latency``: agent-added latency, from the plugin's SDK flush to
+the devcenter's receipt (``measure_latency``, ``agent_latency``).
+
+``measure(...)``, ``measure_agent(...)`` and ``measure_latency(...)`` return
+the numbers as dicts.
 """
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import shutil
@@ -40,12 +45,13 @@ from elkeid_agent.plugins.supervisor import PluginSupervisor
 LOAD_TYPE = 9002
 
 
-def _install_load_plugins(workdir, plugins, rate, record_size, interpreter):
+def _install_load_plugins(workdir, plugins, rate, record_size, interpreter, load_extra=None):
     """Put ``plugins`` sample plugins in load mode into ``workdir``; returns
     their configs (dicts with Config's fields, as the command API takes them)."""
     from .sample_plugin import build
-    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0,
-                         "load": {"records_per_sec": rate, "record_size": record_size}})
+    load = {"records_per_sec": rate, "record_size": record_size}
+    load.update(load_extra or {})
+    detail = json.dumps({"heartbeat_interval": 3600, "http_port": 0, "load": load})
     configs = []
     for i in range(plugins):
         name = "load%d" % i
@@ -126,13 +132,20 @@ def _proc_rss(pid):
 
 
 def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
-                  interpreter=None, base=None, compression=None):
-    """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter."""
+                  interpreter=None, base=None, compression=None, probe=None, store="counts",
+                  load_extra=None, env=None):
+    """plugins -> elkeid-agent (a real process) -> mTLS -> devcenter.
+
+    ``probe(agent_pid, dc, agent_id, seconds)``, if given, runs in place of
+    the measuring sleep (it must take ``seconds``) and its dict is merged
+    into the result (hot_profile.py samples threads, syscalls and stacks so).
+    ``load_extra``: more keys for the plugins' ``load`` section; ``env``:
+    extra environment of the agent."""
     from .launchers import AgentProc, DevCenterProc, wait_until
 
     own = base is None
     base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-plugin-e2e-"))
-    dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store="counts")
+    dc = DevCenterProc(os.path.join(base, "devcenter-%d" % plugins), store=store)
     agent = None
     try:
         workdir = os.path.join(base, "agent-%d" % plugins)
@@ -141,16 +154,19 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
         args = ["--server", dc.grpc, "--agent-id", agent_id] + dc.cert_args
         if compression:
             args += ["--compression", compression]
-        agent = AgentProc(workdir, args)
+        agent = AgentProc(workdir, args, env=env)
         wait_until(lambda: any(a.get("agent_id") == agent_id for a in dc.agents()), 60, 0.2,
                    "agent to connect")
-        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter)
+        configs = _install_load_plugins(workdir, plugins, rate, record_size, interpreter,
+                                        load_extra)
         status, body = dc.command(agent_id, {"config": configs})
         if status != 200:
             raise RuntimeError("command refused: %r" % (body,))
         time.sleep(warmup)
         n0, cpu0, t0 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
-        time.sleep(seconds)
+        probed = probe(agent.pid, dc, agent_id, seconds) if probe is not None else {}
+        if probe is None:
+            time.sleep(seconds)
         n1, cpu1, t1 = dc.stat()["records_total"], _proc_cpu(agent.pid), time.monotonic()
         rss = _proc_rss(agent.pid)
     finally:
@@ -169,7 +185,69 @@ def measure_agent(plugins=1, seconds=10.0, record_size=200, rate=-1, warmup=3.0,
             "records": records, "records_per_sec": records / elapsed,
             "agent_cpu_seconds_per_million": (cpu1 - cpu0) / records * 1e6 if records else None,
             "agent_cpu_share": (cpu1 - cpu0) / elapsed, "agent_rss_mb": rss / 1e6,
-            "clean_exit": clean_exit}
+            "clean_exit": clean_exit, **probed}
+
+
+def agent_latency(flush_log, seq_log):
+    """Agent-added latency of every record: the server's receipt ("t" of
+    the devcenter's ``--store seq`` log) minus the time the plugin flushed
+    the SDK buffer holding it (the sample plugin's ``load.flush_log``).
+    Returns {"records", "p50", "p90", "p99", "max"} in seconds (records
+    whose flush is not in the log are left out)."""
+    flushes = []  # (last seq, time), in seq order
+    with open(flush_log) as f:
+        for line in f:
+            t, last = line.split()
+            flushes.append((int(last), float(t)))
+    flushes.sort()
+    lasts = [last for last, _t in flushes]
+    weighted = []  # (latency, records)
+    with open(seq_log) as f:
+        for line in f:
+            entry = json.loads(line)
+            arrived = entry.get("t")
+            if arrived is None:
+                continue
+            for spans in entry["r"].values():
+                for start, end in spans:  # [start, end)
+                    while start < end:
+                        i = bisect.bisect_left(lasts, start)
+                        if i == len(lasts):
+                            break
+                        upto = min(end, lasts[i] + 1)
+                        weighted.append((arrived - flushes[i][1], upto - start))
+                        start = upto
+    weighted.sort()
+    total = sum(n for _lat, n in weighted)
+    out = {"records": total}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)):
+        rank, seen = q * total, 0
+        out[name] = None
+        for lat, n in weighted:
+            seen += n
+            if seen >= rank:
+                out[name] = lat
+                break
+    return out
+
+
+def measure_latency(rate=5000, seconds=30.0, record_size=200, warmup=3.0, base=None,
+                    env=None):
+    """One sample plugin at ``rate`` through a real agent to the devcenter
+    (``--store seq``); ``measure_agent``'s numbers plus ``latency``
+    (``agent_latency``) over the whole run."""
+    own = base is None
+    base = os.path.abspath(base or tempfile.mkdtemp(prefix="elkeid-latency-"))
+    flush_log = os.path.join(base, "flushes.log")
+    try:
+        result = measure_agent(1, seconds, record_size, rate, warmup, base=base, store="seq",
+                               load_extra={"flush_log": flush_log}, env=env)
+        result["latency"] = agent_latency(flush_log,
+                                          os.path.join(base, "devcenter-1", "dc.db.seq"))
+    finally:
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
+    return result
 
 
 def validation_costs(record_size=200, number=100000):
@@ -196,7 +274,18 @@ def main(argv=None):
                    help="through a real agent process to the devcenter over mTLS")
     p.add_argument("--compression", choices=("none", "gzip"), default=None)
     p.add_argument("--dir", default=None, help="scratch dir for --e2e (default: a temp dir)")
+    p.add_argument("--latency", action="store_true",
+                   help="with --e2e: agent-added latency (plugin flush -> server receipt)")
     args = p.parse_args(argv)
+    if args.e2e and args.latency:
+        r = measure_latency(args.rate, args.seconds, args.record_size, base=args.dir)
+        lat = r["latency"]
+        print("1 plugin at %.0f records/s: %.0f records/s arrived, agent %.2f us/record; "
+              "agent-added latency over %d records: p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, "
+              "max %.1f ms" % (args.rate, r["records_per_sec"],
+                               r["agent_cpu_seconds_per_million"] or 0, lat["records"],
+                               *(1000 * (lat[k] or 0) for k in ("p50", "p90", "p99", "max"))))
+        return 0
     if args.e2e:
         print("plugins -> elkeid-agent -> mTLS -> devcenter (--store counts), %d-byte records"
               % args.record_size)

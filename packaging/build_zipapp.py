@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 
@@ -70,6 +71,14 @@ ABI_TAGGED = re.compile(r"\.(cpython-3\d+-[^/]+)\.so$")
 VERSION_SYNTAX = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
 _VERSION_LINE = re.compile(r'^__version__\s*=\s*"([^"]+)"', re.M)
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
+# The optional C hot path (accel/): one stable-ABI binary per architecture
+# serves every CPython 3.9-3.13. Built with the host gcc for the host's
+# architecture, with Debian's cross gcc for the other (build.sh installs
+# gcc-aarch64-linux-gnu); without a compiler the zipapp runs pure Python.
+ACCEL_SOURCE = os.path.join(ROOT, "accel", "elkeid_accel.c")
+ACCEL_MODULE = "elkeid_agent/_accel.abi3.so"
+ACCEL_LIMITED_API = "0x03090000"
+CROSS_GCC = {"x86_64": "x86_64-linux-gnu-gcc", "aarch64": "aarch64-linux-gnu-gcc"}
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 
@@ -221,6 +230,7 @@ def stage(arch, wheels, site):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.copyfile(os.path.join(base, name), dest)
             os.chmod(dest, 0o644)
+    build_accel(arch, os.path.join(site, ACCEL_MODULE))
     want = {"cpython-%s-%s-linux-gnu" % (p.replace(".", ""), arch) for p in PYTHONS}
     if sorted(per_abi) != sorted(PER_ABI_MODULES):
         raise BuildError("per-ABI compiled modules %s, expected %s"
@@ -230,6 +240,47 @@ def stage(arch, wheels, site):
             raise BuildError("compiled %s for %s, expected %s"
                              % (module, sorted(abis), sorted(want)))
     return sorted(want)
+
+
+def accel_compiler(arch):
+    """The C compiler that targets ``arch``, or None."""
+    host = ARCHES.get(os.uname().machine)
+    names = (CROSS_GCC[arch], "gcc", "cc") if arch == host else (CROSS_GCC[arch],)
+    for name in names:
+        if shutil.which(name):
+            return name
+    return None
+
+
+def build_accel(arch, out):
+    """Compile accel/ for ``arch`` against the stable-ABI headers of the
+    building Python into ``out``; True when built. Otherwise one line says
+    why and the zipapp for ``arch`` runs the pure-Python path. The headers
+    are the build host's: with Py_LIMITED_API they only describe the
+    stable ABI, identical on both 64-bit little-endian Linux targets."""
+    cc = accel_compiler(arch)
+    include = sysconfig.get_paths()["include"]
+    reason = None
+    if cc is None:
+        reason = "no C compiler for %s (%s)" % (arch, CROSS_GCC[arch])
+    elif not os.path.exists(os.path.join(include, "Python.h")):
+        reason = "no Python.h in %s" % include
+    else:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cmd = [cc, "-shared", "-fPIC", "-O2", "-std=c99", "-DPy_LIMITED_API=" + ACCEL_LIMITED_API,
+               "-I" + include, "-ffile-prefix-map=%s=." % ROOT, "-Wl,-s",
+               ACCEL_SOURCE, "-o", out]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if r.returncode == 0:
+            os.chmod(out, 0o755)
+            return True
+        lines = r.stdout.decode("utf-8", "replace").strip().splitlines()
+        errors = [line for line in lines if "error" in line] or lines
+        reason = "%s failed: %s" % (cc, errors[0].strip() if errors else "exit status %d" % r.returncode)
+        if os.path.exists(out):
+            os.unlink(out)
+    say("accel/ not built for %s (%s); the zipapp runs the pure-Python path" % (arch, reason))
+    return False
 
 
 def compiled_abis(site):

@@ -154,3 +154,30 @@ def test_latency_recorder_counts_stamped_records_only():
     assert (s["p50_us"], s["max_us"]) == (2000, 5000)
     assert percentile([1, 2, 3, 4], 0.5) == 2 and percentile(list(range(1, 101)), 0.99) == 99
     assert percentile([], 0.5) is None
+
+
+def test_agent_latency_pairs_each_record_with_its_flush(tmp_path):
+    from elkeid_devtools.plugin_bench import agent_latency
+    flushes = tmp_path / "flushes.log"
+    # Flush 1 held seq 0..9, flush 2 seq 10..19 (logged out of order).
+    flushes.write_text("101.000000 19\n100.000000 9\n")
+    seq_log = tmp_path / "dc.db.seq"
+    seq_log.write_text(
+        '{"a":"x","r":{"":[[0,5]]},"t":100.010}\n'
+        '{"a":"x","r":{"":[[5,10],[10,12]]}}\n'          # no receipt time: left out
+        '{"a":"x","r":{"":[[5,15]]},"t":101.030}\n'      # 5 of flush 1, 5 of flush 2
+        '{"a":"x","r":{"":[[15,20],[20,25]]},"t":101.040}\n')  # 20..24: no flush logged
+    lat = agent_latency(str(flushes), str(seq_log))
+    assert lat["records"] == 20
+    # 5 records at 10 ms, 5 at 1030 ms, 5 at 30 ms, 5 at 40 ms.
+    assert abs(lat["p50"] - 0.030) < 1e-6 and abs(lat["max"] - 1.030) < 1e-6
+    assert abs(lat["p99"] - 1.030) < 1e-6
+
+
+def test_plugin_bench_latency_counts_every_record_it_times(tmp_path):
+    text = run("elkeid_devtools.plugin_bench", "--e2e", "--latency", "--rate", "2000",
+               "--seconds", "2", "--dir", str(tmp_path))
+    m = re.search(r"latency over (\d+) records: p50 ([\d.]+) ms, p90 [\d.]+ ms, "
+                  r"p99 ([\d.]+) ms", text)
+    assert m, text
+    assert int(m.group(1)) > 0 and 0 < float(m.group(2)) <= float(m.group(3)), text

@@ -7,6 +7,7 @@ effects (commands run, signals sent, files written)."""
 import io
 import json
 import os
+import re
 import signal
 import stat
 
@@ -882,3 +883,49 @@ def test_run_turns_grpc_fork_handlers_off_unless_the_user_chose(tmp_path, monkey
     monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "1")
     assert cli.main(["run", "--workdir", str(tmp_path)]) == 0
     assert seen == ["0", "1"]
+
+
+# ---------------------------------------------------------------- TLS in status
+
+def write_tls(fx, ca, pair, where="/etc/elkeid/cert", names=("ca.crt", "client.crt",
+                                                             "client.key")):
+    for name, data in zip(names, (ca.cert_pem, pair.cert_pem, pair.key_pem)):
+        fx.write(where + "/" + name, data.decode())
+
+
+def test_status_shows_the_tls_files_when_the_agent_is_down(fx):
+    from elkeid_devtools.devcenter import certs
+    sysv(fx, "ELKEID_CERT=/srv/tls/agent.crt\n")
+    ca = certs.make_ca("fleet CA")
+    pair = certs.issue_cert(ca, "host-42", "client")
+    write_tls(fx, ca, pair)
+    fx.write("/srv/tls/agent.crt", pair.cert_pem.decode())
+    r = run(fx, "status")
+    assert r.code == layout.EXIT_NOT_RUNNING
+    assert re.search(r"^tls +files$", r.out, re.M), r.out
+    assert re.search(r"^client cert +CN=host-42, issuer CN=fleet CA, expires \w+ .* GMT "
+                     r"\(36[45]\d\.\d days\)$", r.out, re.M), r.out
+    info = json.loads(run(fx, "status", "--json").out)["tls"]
+    assert info["source"] == "files" and info["problem"] is None
+    assert info["cert"]["subject"] == "CN=host-42" and info["ca"]["subject"] == "CN=fleet CA"
+    assert info["paths"]["cert"] == "/srv/tls/agent.crt"
+    assert 3649 < info["cert"]["days_left"] < 3651
+    # A key of another certificate: said, not a traceback.
+    write_tls(fx, ca, certs.issue_cert(ca, "other", "client"), names=("x", "y", "client.key"))
+    info = json.loads(run(fx, "status", "--json").out)["tls"]
+    assert "does not match the certificate /srv/tls/agent.crt" in info["problem"]
+
+
+def test_status_shows_the_set_the_running_agent_uses(fx):
+    running_agent(fx)
+    fx.write("/etc/elkeid/tmp/tls-in-use.json", json.dumps({"pid": 7000, "set": {
+        "cert": {"subject": "CN=in-use", "issuer": "CN=ca", "not_after": "Jan  1 00:00:00 2030 GMT",
+                 "days_left": -2.5}, "ca": None, "problem": None}}))
+    r = run(fx, "status")
+    assert "the running agent (in use)" in r.out
+    assert "CN=in-use, issuer CN=ca, expires Jan  1 00:00:00 2030 GMT (EXPIRED 2.5 days ago)" \
+        in r.out, r.out
+    # A file a dead agent left is not the running one's: the files are read.
+    fx.write("/etc/elkeid/tmp/tls-in-use.json", json.dumps({"pid": 4242, "set": {}}))
+    info = json.loads(run(fx, "status", "--json").out)["tls"]
+    assert info["source"] == "files" and "cannot read TLS ca" in info["problem"]

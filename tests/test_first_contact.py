@@ -179,8 +179,11 @@ def test_client_certificate_of_another_ca_is_diagnosed(devcenter, bundles, tmp_p
     _good, other, _garbage = bundles
     agent = dial(tmp_path, devcenter.grpc, tls_args(os.path.join(devcenter.certs, "ca.crt"),
                                                     other.client_crt, other.client_key))
-    assert_diagnosed(agent, devcenter.grpc, "client_cert_rejected",
+    # The rejection, and why: the certificate in use does not chain to our CA.
+    assert_diagnosed(agent, devcenter.grpc, "client_cert_unknown_ca",
                      "rejected our client certificate %s" % other.client_crt)
+    assert "TLS cert %s is not signed by the CA %s" % (
+        other.client_crt, os.path.join(devcenter.certs, "ca.crt")) in agent.log_text()
 
 
 # ------------------------------------------------------------ curated stderr

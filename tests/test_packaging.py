@@ -202,8 +202,12 @@ def run_build_sh_test_with_fake_apt(tmp_path, install_rc):
         (bin_dir / name).chmod(0o755)
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        (venv / ".installed").write_text(hashlib.sha256(f.read()).hexdigest()[:16] + "\n")
+    # build.sh's venv() stamp: what the editable install was made from
+    stamp = hashlib.sha256()
+    for name in ("pyproject.toml", "setup.py", "accel/elkeid_accel.c"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            stamp.update(f.read())
+    (venv / ".installed").write_text(stamp.hexdigest()[:16] + "\n")
     (venv / "bin" / "python").write_text("#!/bin/sh\necho \"pytest ran: $*\"\n")
     (venv / "bin" / "python").chmod(0o755)
     tmp = tmp_path / "tmp"

@@ -61,7 +61,8 @@ def test_config_layers_and_validation(tmp_path):
     cfg = load_config(path, '{"heartbeat_interval": 2, "load": {"records_per_sec": 10}}')
     assert cfg["agent_id"] == "from-file" and cfg["heartbeat_interval"] == 2.0
     assert cfg["load"] == {"records_per_sec": 10.0, "record_size": 300,
-                           "data_type": DEFAULTS["load"]["data_type"], "high_priority": False}
+                           "data_type": DEFAULTS["load"]["data_type"], "high_priority": False,
+                           "flush_log": ""}
     assert load_config(str(tmp_path / "absent.json"), "")["http_port"] == 8081
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path / "absent.json"), "", required=True)
@@ -104,8 +105,9 @@ def test_build_is_reproducible_and_minimal(tmp_path):
     assert os.stat(a).st_mode & 0o777 == 0o700
     names = zipfile.ZipFile(a).namelist()
     assert sorted(names) == ["__main__.py", "elkeid_agent/__init__.py",
-                             "elkeid_agent/errors.py", "elkeid_agent/sdk/__init__.py",
-                             "elkeid_agent/wire.py", "elkeid_devtools/__init__.py",
+                             "elkeid_agent/errors.py", "elkeid_agent/native.py",
+                             "elkeid_agent/sdk/__init__.py", "elkeid_agent/wire.py",
+                             "elkeid_devtools/__init__.py",
                              "elkeid_devtools/sample_plugin/__init__.py"]
     archive, signature = build.tar_gz_bytes("sample", "/usr/bin/python3", {"agent_id": "x"})
     assert (archive, signature) == build.tar_gz_bytes("sample", "/usr/bin/python3",

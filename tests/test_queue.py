@@ -281,3 +281,118 @@ def test_requeue_never_exceeds_max_bytes_and_counts_what_it_drops():
     dropped = m.get("queue_dropped_records", reason="requeue_overflow", priority="normal")
     assert dropped == 5
     assert q.take_batch(100, 10_000) == [rec(50), rec(51)] + [rec(i) for i in range(8)]
+
+
+# ------------------------------------------------------------ put_many
+
+
+def _put_one_by_one(q, bodies, priority):
+    return sum(q.put(b, priority) for b in bodies)
+
+
+def _same_outcome(build, steps):
+    """Run ``steps`` ((bodies, priority), ...) on two fresh queues, one with
+    put per record, one with put_many; everything observable must agree."""
+    results = []
+    for adder in (_put_one_by_one, lambda q, b, p: q.put_many(b, p)):
+        m = Registry()
+        q, spool = build(m)
+        accepted = [adder(q, bodies, p) for bodies, p in steps]
+        state = (accepted, q.count, q.bytes, q.plugin_bytes, q.own_pending(),
+                 sorted(m.snapshot().items()),
+                 list(spool.items) if spool is not None else None)
+        results.append((state, list(q.take_batch(10_000, 10_000_000))))
+    assert results[0] == results[1]
+    return results[0]
+
+
+def test_put_many_matches_put_with_too_large_records_in_the_run():
+    (accepted, *_), batch = _same_outcome(
+        lambda m: (RecordQueue(10_000, m, max_record_bytes=50), None),
+        [([rec(0), rec(1, 51), rec(2), rec(3, 500)], NORMAL), ([rec(4)], HIGH)])
+    assert accepted == [2, 1] and batch == [rec(4), rec(0), rec(2)]
+
+
+def test_put_many_matches_put_when_the_run_overflows():
+    # 100-byte budget, a reserve of 20: plugin records get 80; the run
+    # evicts older NORMAL records, then its own first records.
+    steps = [([rec(i) for i in range(5)], NORMAL), ([rec(10 + i) for i in range(6)], HIGH),
+             ([rec(20 + i) for i in range(3)], AGENT), ([rec(30 + i) for i in range(4)], NORMAL)]
+    (accepted, count, nbytes, *_), batch = _same_outcome(
+        lambda m: (RecordQueue(100, m, agent_reserve=20), None), steps)
+    assert nbytes <= 100 and count == len(batch)
+    assert accepted[2] == 3 and batch[:3] == [rec(20), rec(21), rec(22)]
+
+
+def test_put_many_matches_put_through_the_spool_in_an_outage():
+    def build(m):
+        spool = ListSpool()
+        q = RecordQueue(60, m, spool=spool, agent_reserve=0)
+        return q, spool
+
+    # Records before the outage stay in order behind; during it they go to
+    # the spool (put's own path: the run is not one slice).
+    for adder in (_put_one_by_one, lambda q, b, p: q.put_many(b, p)):
+        m = Registry()
+        q, spool = build(m)
+        adder(q, [rec(i) for i in range(3)], NORMAL)
+        q.outage(True)   # no running loop: memory's records move at once
+        adder(q, [rec(3 + i) for i in range(4)], NORMAL)
+        assert spool.items == [rec(i) for i in range(7)], adder
+        assert q.count == 0 and m.total("queue_dropped_records") == 0
+    _same_outcome(build, [([rec(i) for i in range(9)], NORMAL)])
+
+
+def test_put_many_wakes_the_sender_once_with_the_whole_run_queued():
+    async def main():
+        q = RecordQueue(10_000, Registry())
+        waiter = asyncio.ensure_future(q.first_record())
+        await asyncio.sleep(0)
+        assert q.put_many([rec(0), rec(1), rec(2)]) == 3
+        await asyncio.wait_for(waiter, 5)
+        assert q.take_batch(100, 10_000) == [rec(0), rec(1), rec(2)]
+        assert q.put_many([]) == 0 and q.count == 0
+    asyncio.run(main())
+
+
+def test_interrupt_wakes_first_record_with_nothing_queued():
+    async def main():
+        q = RecordQueue(10_000, Registry())
+        waiter = asyncio.ensure_future(q.first_record())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        q.interrupt()
+        await asyncio.wait_for(waiter, 5)
+        assert q.pending() == 0
+    asyncio.run(main())
+
+
+def test_take_batch_slices_runs_exactly_like_record_by_record():
+    # Runs across priorities, limits by count and bytes landing inside,
+    # at and after a run's end.
+    for max_records, max_bytes in ((1, 10**6), (3, 10**6), (5, 10**6), (7, 10**6),
+                                  (100, 10), (100, 35), (100, 50), (100, 55), (4, 45)):
+        q = RecordQueue(10_000, Registry())
+        q.put_many([rec(i) for i in range(5)], NORMAL)
+        q.put_many([rec(10 + i) for i in range(2)], HIGH)
+        q.put_own(rec(20))
+        expected = [rec(20), rec(10), rec(11)] + [rec(i) for i in range(5)]
+        got = []
+        while q.count:
+            b = q.take_batch(max_records, max_bytes)
+            assert 1 <= len(b) <= max_records
+            assert len(b) == 1 or sum(map(len, b)) <= max_bytes
+            # Greedy: the next record would not have fitted.
+            rest = expected[len(got) + len(b):]
+            if rest and len(b) < max_records:
+                assert sum(map(len, b)) + len(rest[0]) > max_bytes
+            got.extend(b)
+        assert got == expected and q.bytes == 0 and q.plugin_bytes == 0
+
+
+def test_put_many_keeps_plugin_records_out_of_the_agent_reserve():
+    # 90 bytes fit the 100-byte budget but not the plugins' 80.
+    steps = [([rec(i) for i in range(5)], NORMAL), ([rec(10 + i) for i in range(4)], HIGH)]
+    (_accepted, _count, nbytes, plugin_bytes, *_), batch = _same_outcome(
+        lambda m: (RecordQueue(100, m, agent_reserve=20), None), steps)
+    assert plugin_bytes == 80 and batch[:4] == [rec(10 + i) for i in range(4)]

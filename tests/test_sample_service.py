@@ -569,6 +569,7 @@ def test_service_exe_runs_standalone(run, agent, sockdir, python):
     build.main(["service-exe", exe, "--python", python + " -IS"])
     names = sorted(zipfile.ZipFile(exe).namelist())
     assert names == ["__main__.py", "elkeid_agent/__init__.py", "elkeid_agent/errors.py",
+                     "elkeid_agent/native.py",
                      "elkeid_agent/sdk/__init__.py", "elkeid_agent/wire.py",
                      "elkeid_devtools/__init__.py", "elkeid_devtools/sample_plugin/__init__.py",
                      "elkeid_devtools/sample_plugin/service.py"]

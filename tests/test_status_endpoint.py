@@ -228,3 +228,19 @@ def test_status_endpoint_port_in_use_is_reported_not_fatal(start_agent, devcente
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_the_hot_path_in_use_is_logged_and_on_metrics_and_status(start_agent, tmp_path, setting):
+    from elkeid_agent import native
+    on = native.ACTIVE and setting != "0"
+    port = free_port()
+    a = start_agent("hotpath%s" % setting, "--status-addr", "127.0.0.1:%d" % port,
+                    env={"ELKEID_ACCEL": setting})
+    wait_until(lambda: reachable(port), 60, what="status endpoint")
+    fams = families(http(port, "/metrics", raw=True)[1])
+    assert sample(fams, "elkeid_agent_accel_enabled") == (1 if on else 0)
+    assert http(port, "/health")[1]["hot_path"] == ("C" if on else "pure")
+    lines = [l for l in a.log_text().splitlines() if "hot path:" in l]
+    assert len(lines) == 1 and ("hot path: C (" if on else "hot path: pure Python (") in lines[0], lines
+    a.stop()

@@ -672,3 +672,67 @@ def test_agent_from_zipapp_feeds_the_systemd_watchdog(pyz, tmp_path, devcenter):
         rc = agent.wait(30)
         sock.close()
     assert rc == 0, agent.stderr.read().decode()
+
+
+# ---------------------------------------------------------------- accel/
+
+ACCEL_IN_ZIPAPP = r"""
+import sys
+sys.path.insert(0, sys.argv[1])  # what `python3 elkeid-agent.pyz` does
+import _elkeid_boot
+site = _elkeid_boot.prepare_site(["elkeid-agent", "run"])
+from elkeid_agent import native
+print(native.ACTIVE, native.accel.__file__.startswith(site) if native.ACTIVE else native.REASON)
+"""
+
+
+def _elf_machine(data_or_path):
+    r = subprocess.run(["readelf", "-h", data_or_path], stdout=subprocess.PIPE, check=True)
+    return [line.split(":", 1)[1].strip() for line in r.stdout.decode().splitlines()
+            if line.strip().startswith("Machine:")][0]
+
+
+MACHINES = {"x86_64": "Advanced Micro Devices X86-64", "aarch64": "AArch64"}
+
+
+def test_zipapp_carries_accel_for_its_arch(pyz, tmp_path):
+    with zipfile.ZipFile(pyz) as zf:
+        data = zf.read("site-packages/" + build_zipapp.ACCEL_MODULE)
+    so = tmp_path / "_accel.abi3.so"
+    so.write_bytes(data)
+    assert _elf_machine(str(so)) == MACHINES[ARCH]
+    import test_accel
+    assert "PyModule_Create2" in test_accel.check_stable_abi(str(so))
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_agent_from_zipapp_runs_the_c_path(pyz, tmp_path, version):
+    """One abi3 binary for every CPython: the oldest and the newest."""
+    rc, out, err = run([pyenv(version), "-c", ACCEL_IN_ZIPAPP, pyz], env_for(tmp_path / "c"))
+    assert (rc, out.split()) == (0, ["True", "True"]), (out, err)
+    rc, out, err = run([pyenv(version), "-c", ACCEL_IN_ZIPAPP, pyz],
+                       env_for(tmp_path / "c", ELKEID_ACCEL="0"))
+    assert (rc, out.strip()) == (0, "False ELKEID_ACCEL=0"), (out, err)
+
+
+@pytest.mark.parametrize("arch", sorted(MACHINES))
+def test_accel_builds_for_both_architectures(tmp_path, arch):
+    if build_zipapp.accel_compiler(arch) is None:
+        from debroot import unavailable
+        unavailable("no C compiler for %s (%s)" % (arch, build_zipapp.CROSS_GCC[arch]))
+    out = str(tmp_path / "_accel.abi3.so")
+    assert build_zipapp.build_accel(arch, out)
+    assert _elf_machine(out) == MACHINES[arch]
+    import test_accel
+    assert "PyModule_Create2" in test_accel.check_stable_abi(out)
+
+
+def test_no_compiler_means_a_pure_zipapp_and_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_zipapp, "accel_compiler", lambda arch: None)
+    out = str(tmp_path / "_accel.abi3.so")
+    assert build_zipapp.build_accel("aarch64", out) is False
+    assert not os.path.exists(out)
+    err = capsys.readouterr()
+    lines = (err.out + err.err).strip().splitlines()
+    assert lines == ["==> accel/ not built for aarch64 (no C compiler for aarch64 "
+                     "(aarch64-linux-gnu-gcc)); the zipapp runs the pure-Python path"], lines

@@ -47,6 +47,7 @@ Thread model: call everything from the event loop thread; other threads use
 
 import asyncio
 from collections import deque
+from itertools import islice, repeat, starmap
 
 from .drops import DropLog
 
@@ -138,6 +139,37 @@ class RecordQueue:
         self.count += 1
         self._wake()
         return True
+
+    def put_many(self, bodies, priority=NORMAL, nbytes=None):
+        """Queue ``bodies`` in order, exactly as ``put`` one by one would
+        (refusals, evictions, the spool during an outage, drop counts), with
+        one accounting pass and one wake when they simply fit. ``nbytes``:
+        their total length, if the caller already has it. Returns how many
+        were accepted."""
+        if not bodies:
+            return 0
+        if nbytes is None:
+            nbytes = sum(map(len, bodies))
+        fits = not (self._through and priority != AGENT) and (
+            nbytes <= self.max_record_bytes or max(map(len, bodies)) <= self.max_record_bytes)
+        if fits:
+            # Whole batch fits without eviction => each put on its own would
+            # have fitted too (the totals only grow), so nothing differs.
+            limit = self.max_bytes if priority == AGENT else self.max_bytes - self.agent_reserve
+            used = self.bytes if priority == AGENT else self.plugin_bytes
+            fits = self.bytes + nbytes <= self.max_bytes and used + nbytes <= limit
+        if not fits:
+            accepted = 0
+            put = self.put
+            for body in bodies:
+                accepted += put(body, priority)
+            return accepted
+        self._queues[priority].extend(bodies)
+        self._pbytes[priority] += nbytes
+        self.bytes += nbytes
+        self.count += len(bodies)
+        self._wake()
+        return len(bodies)
 
     def put_own(self, body):
         """Queue one of the agent's own records (AGENT priority)."""
@@ -297,6 +329,23 @@ class RecordQueue:
     def pending(self):
         return self.count + self._spooled()
 
+    async def first_record(self):
+        """Return once something is queued, or ``interrupt`` was called."""
+        if self.pending():
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def interrupt(self):
+        """Wake a ``first_record`` waiter although nothing was queued (the
+        sender must half-close for a drain)."""
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     async def wait_ready(self, delay, batch_records, batch_bytes):
         """Return once there is something to send and either a full batch is
         waiting or ``delay`` seconds passed since the first record: an idle
@@ -313,12 +362,14 @@ class RecordQueue:
         if self._spooled():
             return
         self._threshold = (batch_records, batch_bytes)
-        self._full_waiter = loop.create_future()
+        # A plain timer on the future: wait_for+shield cost two extra tasks
+        # per batch.
+        full = self._full_waiter = loop.create_future()
+        timer = loop.call_later(delay, _resolve, full)
         try:
-            await asyncio.wait_for(asyncio.shield(self._full_waiter), delay)
-        except asyncio.TimeoutError:
-            pass
+            await full
         finally:
+            timer.cancel()
             self._full_waiter = None
 
     def take_batch(self, max_records, max_bytes):
@@ -345,7 +396,20 @@ class RecordQueue:
             q = self._queues[p]
             taken = 0
             n = 0
-            while q and len(batch) < max_records:
+            room = max_records - len(batch)
+            sliced = False
+            if q and room > 0:
+                # The common case in one slice: the whole run (its byte
+                # total is kept per priority), or its first ``room`` records.
+                k = min(room, len(q))
+                size = self._pbytes[p] if k == len(q) else sum(map(len, islice(q, k)))
+                if total + size <= max_bytes:
+                    batch.extend(starmap(q.popleft, repeat((), k)))
+                    total += size
+                    taken = size
+                    n = k
+                    sliced = True
+            while not sliced and q and len(batch) < max_records:
                 size = len(q[0])
                 if batch and total + size > max_bytes:
                     break
@@ -415,3 +479,8 @@ class RecordQueue:
         need = self.bytes - self.max_bytes
         if need > 0:
             self._evict(AGENT, need, "requeue_overflow", newest=True)
+
+
+def _resolve(future):
+    if not future.done():
+        future.set_result(None)

@@ -61,6 +61,7 @@ import threading
 import time
 import zlib
 
+from .. import native
 from .drops import DropLog, record_time
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,10 @@ def unpack_records(raw, count):
         append(raw[pos:pos + n])
         pos += n
     return out
+
+
+pack_records = native.pick(pack_records, "pack_records")
+unpack_records = native.pick(unpack_records, "unpack_records")
 
 
 def _frame_crc(head, payload):

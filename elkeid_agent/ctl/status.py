@@ -16,6 +16,9 @@ from .cgroups import AgentCgroup
 from .layout import AGENT_PIDFILE, CRON_FILE, EXIT_NOT_RUNNING, EXIT_OK, INIT_SCRIPT, SERVICE
 from .procs import agent_pids, descendants
 from ..osfx.service import proc_stat_fields
+from ..settings import Settings
+from ..transport import credentials
+from ..transport.tlswatch import IN_USE_FILE
 
 EXIT_DEAD_WITH_PIDFILE = 1
 _SYSTEMD_PROPS = ("LoadState", "ActiveState", "SubState", "MainPID", "UnitFileState",
@@ -43,7 +46,46 @@ def collect(ctl):
     else:
         code = _sysvinit(ctl, info)
     _process_facts(fx, info, ctl.paths.plugin_dir)
+    info["tls"] = _tls(ctl, info)
     return info, code
+
+
+# The specified_env key of each TLS file; the defaults are the agent's.
+_TLS_KEYS = (("ca", "ELKEID_CA"), ("cert", "ELKEID_CERT"), ("key", "ELKEID_KEY"))
+
+
+def _tls(ctl, info):
+    """Subject, issuer and expiry of the TLS set: the one the running agent
+    uses (it writes tmp/tls-in-use.json when it loads one; a newer set it
+    refused is not that), else what the files hold. Paths from
+    specified_env, else the agent's defaults; a path given to the agent
+    on its command line only is not known here."""
+    fx = ctl.fx
+    values = ctl.values()
+    paths = {what: os.path.join(ctl.paths.workdir, values.get(key) or getattr(Settings, what))
+             for what, key in _TLS_KEYS}
+    if info.get("running") and info.get("pid"):
+        try:
+            in_use = json.loads(fx.read_text(ctl.paths.workdir + "/tmp/" + IN_USE_FILE) or "")
+        except (OSError, ValueError):
+            in_use = None
+        if isinstance(in_use, dict) and in_use.get("pid") in (info.get("processes") or ()):
+            out = dict(in_use.get("set") or {})
+            out["source"] = "the running agent (in use)"
+            return out
+    data = {}
+    for what in credentials.FILES:
+        data[what] = fx.read_bytes_quietly(paths[what])
+        if data[what] is None:
+            return {"source": "files", "paths": paths,
+                    "problem": "cannot read TLS %s %s" % (what, paths[what])}
+    try:
+        out = credentials.validate(data["ca"], data["cert"], data["key"], paths=paths,
+                                   strict=False).as_dict()
+    except credentials.CredentialError as e:
+        return {"source": "files", "paths": paths, "problem": str(e)}
+    out["source"] = "files"
+    return out
 
 
 def _systemd(ctl, info):
@@ -211,11 +253,30 @@ def render_table(info):
         rows.append(("plugins", ", ".join(
             "%s (%s)" % (p["name"], "pid %d" % p["pid"] if p["pid"] else "not running")
             for p in plugins)))
+    rows.extend(_tls_rows(info.get("tls") or {}))
     rows.append(("agent id", info.get("agent_id") or "-"))
     rows.append(("idc / region", "%s / %s" % (info.get("idc") or "-", info.get("region") or "-")))
     rows.append(("elkeidctl", info["elkeidctl_version"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join("%-*s  %s" % (width, k, v) for k, v in rows)
+
+
+def _tls_rows(tls):
+    if not tls:
+        return []
+    rows = [("tls", tls.get("source", "-"))]
+    if tls.get("problem"):
+        rows.append(("tls problem", tls["problem"]))
+    for which, label in (("cert", "client cert"), ("ca", "CA")):
+        c = tls.get(which)
+        if not c:
+            continue
+        days = c.get("days_left")
+        rows.append((label, "%s, issuer %s, expires %s (%s)" % (
+            c.get("subject") or "-", c.get("issuer") or "-", c.get("not_after") or "-",
+            "unknown" if days is None else
+            ("%.1f days" % days if days >= 0 else "EXPIRED %.1f days ago" % -days))))
+    return rows
 
 
 def _duration(seconds):

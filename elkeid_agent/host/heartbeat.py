@@ -2,7 +2,9 @@
 
 Every field is a string; floats use ``%.8f`` like the Go agent's
 ``strconv.FormatFloat(v, 'f', 8, 64)``. Beyond Elkeid's fields the agent
-adds its own drop/refusal counters (``queue_dropped`` ...) and the disk
+adds its own drop/refusal counters (``queue_dropped`` ...), the days until
+the TLS client certificate and CA expire (``cert_expire_days``,
+``ca_expire_days``) and the disk
 spool's depth, age and drops (``spool_*``), so data loss is visible on the
 server without logging into the host.
 """
@@ -92,6 +94,11 @@ class Heartbeat:
         fields["queue_records"] = str(a.queue.count)
         fields["queue_bytes"] = str(a.queue.bytes)
         fields["commands_rejected"] = str(m.total("commands_rejected"))
+        tls = getattr(a, "tls", None)
+        # Days (a float, negative once expired) until the client certificate
+        # and the CA in use expire; 0 when unknown.
+        fields["cert_expire_days"] = fmt_float(tls.days_left("cert") if tls else 0.0)
+        fields["ca_expire_days"] = fmt_float(tls.days_left("ca") if tls else 0.0)
         spool = getattr(a, "spool", None)
         fields.update(spool.heartbeat_fields() if spool is not None else NO_SPOOL)
         return fields

@@ -19,12 +19,15 @@ That is precisely what makes the body a valid ``EncodedRecord`` inside
 consumer's business, as in Elkeid (whose agent forwards payload bytes
 without looking at them). The fast path recognises the layout every SDK
 emits with one regular expression and defers anything else to wire.py.
+
+``split_frames`` is the loop over one buffer; ``native.pick`` swaps in the C
+twin from ``accel/`` when it is active (same results, same error texts).
 """
 
 import re
 import struct
 
-from .. import wire
+from .. import native, wire
 from ..errors import PluginFault, WireError
 
 _U32 = struct.Struct("<I")
@@ -62,6 +65,42 @@ def check_record(body, _match=_CANONICAL.match):
     wire.decode_record(body, deep=False)
 
 
+# split_frames statuses (accel/elkeid_accel.c uses the same numbers).
+SPLIT_COMPLETE, SPLIT_PARTIAL, SPLIT_TOO_LONG, SPLIT_NOT_RECORD = range(4)
+
+
+def split_frames(data, max_frame, validate):
+    """The complete frames at the start of ``data``: (bodies, pos, status,
+    n, why). ``pos`` is where the first unused frame starts; ``status``
+    says why the split stopped there: SPLIT_COMPLETE (fewer than 4 bytes
+    left), SPLIT_PARTIAL (a frame of ``n`` body bytes is incomplete),
+    SPLIT_TOO_LONG (its length ``n`` exceeds ``max_frame``) or
+    SPLIT_NOT_RECORD (its ``n`` bytes fail ``check_record``: ``why``)."""
+    out = []
+    pos = 0
+    end = len(data)
+    unpack = _U32.unpack_from
+    while end - pos >= 4:
+        n = unpack(data, pos)[0]
+        if n > max_frame:
+            return out, pos, SPLIT_TOO_LONG, n, None
+        stop = pos + 4 + n
+        if stop > end:
+            return out, pos, SPLIT_PARTIAL, n, None
+        body = data[pos + 4:stop]
+        if validate:
+            try:
+                check_record(body)
+            except WireError as exc:
+                return out, pos, SPLIT_NOT_RECORD, n, str(exc)
+        out.append(body)
+        pos = stop
+    return out, pos, SPLIT_COMPLETE, 0, None
+
+
+_split_frames = native.pick(split_frames, "split_frames")
+
+
 class FrameDecoder:
     """Incremental frame splitter for one pipe."""
 
@@ -92,31 +131,14 @@ class FrameDecoder:
             data = b"".join(self._parts)
             self._parts = []
             self._have = 0
-        out = []
-        pos = 0
+        out, pos, status, n, why = _split_frames(data, self.max_frame, self.validate)
+        if status == SPLIT_TOO_LONG:
+            return out, self._fail("frame length %d (0x%08x) exceeds the maximum %d"
+                                   % (n, n, self.max_frame))
+        if status == SPLIT_NOT_RECORD:
+            return out, self._fail("frame of %d bytes is not a Record: %s" % (n, why))
+        self._need = 4 + n if status == SPLIT_PARTIAL else 4
         end = len(data)
-        unpack = _U32.unpack_from
-        max_frame = self.max_frame
-        check = check_record if self.validate else None
-        while end - pos >= 4:
-            n = unpack(data, pos)[0]
-            if n > max_frame:
-                return out, self._fail("frame length %d (0x%08x) exceeds the maximum %d"
-                                       % (n, n, max_frame))
-            stop = pos + 4 + n
-            if stop > end:
-                self._need = 4 + n
-                break
-            body = data[pos + 4:stop]
-            if check is not None:
-                try:
-                    check(body)
-                except WireError as exc:
-                    return out, self._fail("frame of %d bytes is not a Record: %s" % (n, exc))
-            out.append(body)
-            pos = stop
-        else:
-            self._need = 4
         if pos < end:
             rest = data[pos:] if pos else data
             self._parts = [rest]

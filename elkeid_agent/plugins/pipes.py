@@ -44,12 +44,9 @@ class RecordPipe(asyncio.Protocol):
             return
         bodies, error = self.decoder.feed(data)
         if bodies:
-            put = r.queue.put
             prio = self.priority
-            size = 0
-            for body in bodies:
-                put(body, prio)
-                size += len(body)
+            size = sum(map(len, bodies))
+            r.queue.put_many(bodies, prio, size)
             r.tx_records += len(bodies)
             r.tx_bytes += size
             label = _PRIORITY_LABEL[prio]

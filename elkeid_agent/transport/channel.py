@@ -6,11 +6,10 @@ the TLS files and a readiness wait that fails fast when the dial is refused.
 
 import asyncio
 import logging
-import ssl
-import time
 
 import grpc
 
+from . import credentials
 from ..errors import LocalFault
 
 log = logging.getLogger(__name__)
@@ -32,79 +31,43 @@ def identity(b):
     return b
 
 
+def tls_paths(settings):
+    """{"ca", "cert", "key": absolute path} of ``settings``."""
+    return {what: settings.path(getattr(settings, what)) for what in credentials.FILES}
+
+
+def grpc_credentials(cred_set):
+    """grpc channel credentials from a validated CredentialSet (memory,
+    not the files: what is on disk may be a newer set that failed)."""
+    return grpc.ssl_channel_credentials(root_certificates=cred_set.ca,
+                                        private_key=cred_set.key,
+                                        certificate_chain=cred_set.cert)
+
+
 def load_credentials(settings):
-    """Read CA, client cert and key; LocalFault with the path on failure."""
-    material = []
-    for what in ("ca", "key", "cert"):
-        path = settings.path(getattr(settings, what))
-        try:
-            with open(path, "rb") as f:
-                material.append(f.read())
-        except OSError as e:
-            raise LocalFault("cannot read TLS %s %s: %s" % (what, path, e.strerror)) from None
-    ca, key, cert = material
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)
+    """The CredentialSet of the TLS files; LocalFault naming the file and
+    setting when they cannot be used at all (unreadable, not PEM, a key
+    that is not the certificate's). Dates and the chain to the CA are a
+    soft ``problem`` on the set: clocks drift, and the server decides."""
+    try:
+        return credentials.load(tls_paths(settings), strict=False)
+    except credentials.CredentialError as e:
+        raise LocalFault("%s (%s)" % (e, _SETTING[e.what])) from None
 
 
 def check_tls_files(settings):
     """Refuse, before any dial, TLS files grpc could only fail on later and
-    silently: unreadable, not PEM, or a key that is not the certificate's.
-    LocalFault naming the file. An expired or not yet valid client
-    certificate is only logged: clocks drift, and the server decides."""
-    paths = {what: settings.path(getattr(settings, what)) for what in ("ca", "cert", "key")}
-    for what, path in paths.items():
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as e:
-            raise LocalFault("cannot read TLS %s %s: %s (%s)"
-                             % (what, path, e.strerror, _SETTING[what])) from None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        ctx.load_verify_locations(paths["ca"])
-    except ssl.SSLError:
-        raise LocalFault("TLS ca %s holds no PEM certificate (%s)"
-                         % (paths["ca"], _SETTING["ca"])) from None
-    try:
-        # Parsing the client certificate as a trust store tells a garbage
-        # certificate from a garbage key, which load_cert_chain does not.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(paths["cert"])
-    except ssl.SSLError:
-        raise LocalFault("TLS cert %s holds no PEM certificate (%s)"
-                         % (paths["cert"], _SETTING["cert"])) from None
-    try:
-        # A passphrase-protected key gets a wrong passphrase, not a prompt.
-        ctx.load_cert_chain(paths["cert"], paths["key"], password=lambda: b"")
-    except ssl.SSLError as e:
-        if e.reason == "KEY_VALUES_MISMATCH":
-            raise LocalFault("TLS key %s does not match the certificate %s (%s, %s)"
-                             % (paths["key"], paths["cert"], _SETTING["key"],
-                                _SETTING["cert"])) from None
-        raise LocalFault("TLS key %s is not an unencrypted PEM private key (%s)"
-                         % (paths["key"], _SETTING["key"])) from None
-    _warn_validity(paths["cert"])
+    silently (load_credentials). A soft problem (expired, not yet valid,
+    not signed by the CA) is logged; returns the set."""
+    cred_set = load_credentials(settings)
+    if cred_set.problem is not None:
+        log.error("%s: the server will likely refuse it", cred_set.problem,
+                  extra={"console": True})
+    return cred_set
 
 
 _SETTING = {"ca": "--ca / ELKEID_CA", "cert": "--cert / ELKEID_CERT",
             "key": "--key / ELKEID_KEY"}
-
-
-def _warn_validity(path, now=None):
-    try:
-        # Private but long-standing; without it the check is skipped.
-        info = ssl._ssl._test_decode_cert(path)
-        not_before = ssl.cert_time_to_seconds(info["notBefore"])
-        not_after = ssl.cert_time_to_seconds(info["notAfter"])
-    except Exception:
-        return
-    now = time.time() if now is None else now
-    if now > not_after:
-        log.error("TLS cert %s expired on %s: the server will refuse it", path,
-                  info["notAfter"], extra={"console": True})
-    elif now < not_before:
-        log.error("TLS cert %s is not valid before %s (is the clock right?)", path,
-                  info["notBefore"], extra={"console": True})
 
 
 def channel_options(s):

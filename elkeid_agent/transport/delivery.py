@@ -46,7 +46,7 @@ Ended = namedtuple("Ended", "requeue replayed confirmed next settled")
 
 # Ended.next values.
 REDIAL = "redial"          # after the reconnect delay
-REDIAL_NOW = "redial_now"  # draining and records are left: no delay
+REDIAL_NOW = "redial_now"  # draining with records left, or cycling: no delay
 FINISHED = "finished"      # drain complete: everything queued was confirmed
 
 HALF_CLOSE = HalfClose()
@@ -72,6 +72,9 @@ class Delivery:
         self._written = 0
         self._in_flight = None  # taken, write outcome unknown
         self.draining = False
+        # Re-establish the stream (new TLS credentials): half-close now,
+        # the rest stays queued for the next stream.
+        self.cycling = False
         self.half_closed = False  # on the current stream
         self.finished = False     # the drain completed
 
@@ -84,6 +87,8 @@ class Delivery:
         """What the send loop does next, with ``pending`` records queued."""
         if self.half_closed:
             return IDLE
+        if self.cycling:
+            return HALF_CLOSE
         if self.draining:
             # No batching delay while draining: every millisecond spent
             # waiting comes out of the shutdown budget.
@@ -141,11 +146,12 @@ class Delivery:
                 requeue.append(Requeue(batch))
                 replayed += len(batch)
         self.half_closed = False
+        cycling, self.cycling = self.cycling, False
         left = pending + sum(len(a.batch) for a in requeue)
         if self.draining and confirmed and not left:
             self.finished = True
             nxt = FINISHED
-        elif self.draining:
+        elif self.draining or cycling:
             nxt = REDIAL_NOW
         else:
             nxt = REDIAL
@@ -153,6 +159,11 @@ class Delivery:
 
     def drain_requested(self):
         self.draining = True
+
+    def cycle_requested(self):
+        """End the current stream with a receipt (half-close, the server's
+        clean end) and redial at once, e.g. with new credentials."""
+        self.cycling = True
 
     def nothing_to_deliver(self, pending, streaming):
         """Draining with no stream open and nothing queued: done (a stream's

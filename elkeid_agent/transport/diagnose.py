@@ -6,9 +6,11 @@ library, step by step as grpc does it: TCP connect, TLS handshake with the
 same CA, client certificate and server name (ALPN h2), then one read,
 because TLS 1.3 reports a rejected client certificate only after the
 handshake. ``classify`` (pure) turns what broke into a reason; ``probe`` is
-the blocking probe; ``DialDiagnosis`` runs it off the loop, counts
-``dial_failures{reason}`` and logs each endpoint+reason at most once a
-minute.
+the blocking probe (``probe_set`` with the credential set in memory, which
+after a refused rotation is not what the files hold); a refused client
+certificate that is expired, not yet valid or not of our CA is named so.
+``DialDiagnosis`` runs it off the loop, counts ``dial_failures{reason}``
+and logs each endpoint+reason at most once a minute.
 """
 
 import ipaddress
@@ -17,6 +19,9 @@ import socket
 import ssl
 import time
 
+from . import credentials
+from .channel import tls_paths
+
 log = logging.getLogger(__name__)
 
 REPORT_EVERY = 60.0
@@ -24,10 +29,6 @@ REPORT_EVERY = 60.0
 # accepted us answers with its own SETTINGS, one that did not sends an alert.
 _H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _READ_WAIT = 2.0
-# Verify codes meaning "no path from this certificate to our CA"
-# (X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT[_LOCALLY], DEPTH_ZERO_SELF_SIGNED,
-# SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_VERIFY_LEAF_SIGNATURE).
-_NOT_OUR_CA = (2, 18, 19, 20, 21)
 # TLS alerts a server sends about the client certificate.
 _CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
                        "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "CERTIFICATE_UNKNOWN",
@@ -60,7 +61,7 @@ def classify(exc, stage, address, timeout=None, ca="", cert=""):
         return Diagnosis("timeout", "%s accepted the connection but did not answer TLS "
                          "within %g s" % (address, timeout or 0))
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code in _NOT_OUR_CA:
+        if exc.verify_code in credentials.NOT_OUR_CA:
             return Diagnosis("unknown_ca", "the server certificate of %s is not signed by our "
                              "CA %s (%s)" % (address, ca, exc.verify_message))
         return Diagnosis("server_cert", "the server certificate of %s was refused: %s"
@@ -133,9 +134,20 @@ def _split(address):
     return host.strip("[]"), int(port)
 
 
-def probe(address, ca, cert, key, server_name, timeout):
+def probe_set(address, cred_set, server_name, timeout):
+    """``probe`` with a CredentialSet (the one dials use, which after a
+    refused rotation is not what the files hold); messages name its files."""
+    with credentials.written(cred_set.ca, cred_set.cert, cred_set.key) as files:
+        return probe(address, files["ca"], files["cert"], files["key"], server_name, timeout,
+                     shown=cred_set.paths)
+
+
+def probe(address, ca, cert, key, server_name, timeout, shown=None):
     """Blocking: dial ``address`` as grpc would and say what breaks.
-    Returns a Diagnosis; reason ``ok`` when nothing below gRPC is wrong."""
+    Returns a Diagnosis; reason ``ok`` when nothing below gRPC is wrong.
+    ``shown``: the paths to name in messages instead of ``ca`` and ``cert``."""
+    shown = shown or {}
+    ca_name, cert_name = shown.get("ca", ca), shown.get("cert", cert)
     try:
         sock = socket.create_connection(_split(address), timeout)
     except (OSError, ValueError) as e:
@@ -156,7 +168,7 @@ def probe(address, ca, cert, key, server_name, timeout):
         try:
             tls = ctx.wrap_socket(sock, server_hostname=server_name)
         except OSError as e:
-            return classify(e, "tls", address, timeout, ca, cert)
+            return classify(e, "tls", address, timeout, ca_name, cert_name)
         sock = tls
         names = peer_names(tls.getpeercert())
         if not name_matches(server_name, names):
@@ -167,11 +179,11 @@ def probe(address, ca, cert, key, server_name, timeout):
             tls.sendall(_H2_HELLO)
             tls.settimeout(min(timeout, _READ_WAIT))
             if not tls.recv(1):
-                return _silent_close(address, cert)
+                return _silent_close(address, cert_name)
         except (socket.timeout, TimeoutError):
             pass  # silence after our hello is not a refusal
         except OSError as e:
-            return classify(e, "read", address, timeout, ca, cert)
+            return classify(e, "read", address, timeout, ca_name, cert_name)
         return Diagnosis("ok", "TCP, TLS and certificates with %s are fine" % address)
     finally:
         sock.close()
@@ -181,7 +193,12 @@ class DialDiagnosis:
     """Probe after each failed dial; count every one, log each endpoint and
     reason at most once per ``every`` seconds."""
 
-    def __init__(self, settings, metrics, executors, every=REPORT_EVERY, clock=time.monotonic):
+    def __init__(self, settings, metrics, executors, every=REPORT_EVERY, clock=time.monotonic,
+                 credential_set=None):
+        """``credential_set``: returns the CredentialSet dials use; the
+        probe presents it, and a refusal says what is wrong with it
+        (default: the files)."""
+        self.credential_set = credential_set
         self.settings = settings
         self.metrics = metrics
         self.executors = executors
@@ -192,17 +209,39 @@ class DialDiagnosis:
 
     async def __call__(self, address, net_mode, error):
         s = self.settings
+        timeout = min(s.dial_timeout, 10.0)
         try:
-            d = await self.executors.run("discovery", probe, address, s.path(s.ca),
-                                         s.path(s.cert), s.path(s.key), s.server_name,
-                                         min(s.dial_timeout, 10.0))
+            if self.credential_set is not None:
+                d = await self.executors.run("discovery", probe_set, address,
+                                             self.credential_set(), s.server_name, timeout)
+            else:
+                d = await self.executors.run("discovery", probe, address, s.path(s.ca),
+                                             s.path(s.cert), s.path(s.key), s.server_name,
+                                             timeout)
         except Exception as e:  # a probe that cannot run must not stop the dial loop
             d = Diagnosis("other", "probe failed: %s" % (e,))
         if d.reason == "ok":
             d.text += "; grpc said: %s" % (error,)
+        elif d.reason == "client_cert_rejected":
+            d = self._why_rejected(d)
         self.metrics.inc("dial_failures", reason=d.reason)
         self.report(address, net_mode, d)
         return d
+
+    def _why_rejected(self, d):
+        """A refused client certificate that is expired, not yet valid or
+        not signed by our CA: name that, with the file and the date."""
+        try:
+            if self.credential_set is not None:
+                cred_set = self.credential_set()
+            else:
+                cred_set = credentials.load(tls_paths(self.settings), strict=False)
+        except Exception:  # the files may be gone; the plain diagnosis stands
+            return d
+        problem = cred_set.problem
+        if problem is None:
+            return d
+        return Diagnosis("client_cert_" + problem.reason, "%s; %s" % (d.text, problem))
 
     def report(self, address, net_mode, d):
         now = self._clock()

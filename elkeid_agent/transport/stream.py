@@ -27,6 +27,11 @@ not in one burst, and resumes at most ~10 s after the server is back
 exits after six failures, discarding what it holds). Nothing from outside
 (a discovery answer, a broken stream, a dial) ends the connect loop: it is
 logged, counted, and the loop carries on.
+
+New TLS credentials (``use_credentials``, from transport/tlswatch.py) are
+used from the next dial; the open stream is re-established at a quiet
+moment with the drain's receipt (half-close, the server's clean end) and
+redialled at once, so a rotation neither loses nor repeats records.
 """
 
 import asyncio
@@ -36,8 +41,8 @@ import time
 import grpc
 
 from . import endpoints
-from .channel import (COMPRESSION, channel_options, identity, load_credentials,
-                      short_error, wait_ready)
+from .channel import (COMPRESSION, channel_options, grpc_credentials, identity,
+                      load_credentials, short_error, wait_ready)
 from .delivery import FINISHED, HALF_CLOSE, IDLE, REDIAL, Delivery
 from .. import wire
 from ..errors import LocalFault
@@ -46,6 +51,12 @@ from ..runtime.executors import KINDS as EXECUTOR_KINDS, Executors, Saturated
 log = logging.getLogger(__name__)
 
 TRANSFER = "/grpc.Transfer/Transfer"
+# New credentials: wait this long at most for a quiet moment (no write in
+# progress, at most one batch queued) before re-establishing the stream,
+# then this long for the server to end it after our half-close (past it the
+# stream is dropped and its replay window resent).
+CYCLE_QUIET_MAX_WAIT = 30.0
+CYCLE_END_WAIT = 10.0
 
 
 class StreamClosed(Exception):
@@ -112,7 +123,13 @@ class Transport:
             executors = self._own_executors = Executors(
                 None, kinds={"discovery": EXECUTOR_KINDS["discovery"]})
         self._executors = executors
+        # The CredentialSet dials use (``use_credentials`` replaces it; None:
+        # read the files at the first dial) and the grpc credentials made
+        # from it.
+        self.credential_set = None
         self._credentials = None
+        self._credentials_of = None
+        self._cycle = asyncio.Event()   # new credentials: re-establish the stream
         self._call = None
         self._stopping = False
         self._connected = asyncio.Event()
@@ -151,6 +168,14 @@ class Transport:
     def connected(self):
         return self._call is not None
 
+    def use_credentials(self, cred_set):
+        """Dial with ``cred_set`` from now on; an open stream is
+        re-established at a quiet moment, with a receipt for what it carried
+        (no record lost, none sent twice unless the server fails to end it)."""
+        self.credential_set = cred_set
+        if self._call is not None:
+            self._cycle.set()
+
     def reconnect(self):
         """Drop the current stream and dial again now (e.g. the region
         changed). Whatever was queued stays queued."""
@@ -172,6 +197,7 @@ class Transport:
         # is for what memory holds.
         self.queue.stop_spool_reads()
         self._drain.set()
+        self.queue.interrupt()
         task = self._run_task
         if task is not None and not task.done() \
                 and not d.nothing_to_deliver(self.queue.pending(), self._call is not None):
@@ -271,8 +297,12 @@ class Transport:
         log.warning("service discovery failed, falling back: %s", short_error(e))
 
     async def _connect(self):
-        if self._credentials is None:
-            self._credentials = load_credentials(self.settings)
+        if self.credential_set is None:
+            self.credential_set = load_credentials(self.settings)
+        if self._credentials_of is not self.credential_set:
+            self._credentials = grpc_credentials(self.credential_set)
+            self._credentials_of = self.credential_set
+            self._cycle.clear()  # this dial already uses the newest set
         plan = await self._candidates()
         if not plan:
             raise LocalFault("no AgentCenter endpoint configured for region %r"
@@ -327,7 +357,8 @@ class Transport:
         sender = asyncio.ensure_future(self._send_loop(call))
         receiver = asyncio.ensure_future(self._recv_loop(call))
         reconnect = asyncio.ensure_future(self._reconnect.wait())
-        tasks = (sender, receiver, reconnect)
+        cycler = asyncio.ensure_future(self._cycle_when_quiet())
+        tasks = (sender, receiver, reconnect, cycler)
         done = ()
         try:
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -346,11 +377,32 @@ class Transport:
                 self.queue.outage(True)
         if ended.confirmed or reconnect in done:
             return ended, None
+        if cycler in done and not cycler.cancelled() and cycler.exception() is None:
+            return ended, StreamClosed("the server did not end the stream within %g s of our "
+                                       "half-close" % CYCLE_END_WAIT)
         for task in done:
             exc = StreamClosed("stream cancelled") if task.cancelled() else task.exception()
             if exc is not None:
                 return ended, exc
         return ended, StreamClosed("server closed the stream")
+
+    async def _cycle_when_quiet(self):
+        """Once new credentials arrived: wait for a quiet moment, then
+        half-close; the server's clean end is the receipt, and the connect
+        loop redials at once with the new set. Returns (ending the stream
+        without a receipt) only if the server does not end it."""
+        await self._cycle.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CYCLE_QUIET_MAX_WAIT
+        while loop.time() < deadline and (
+                self.delivery.writing or self.queue.pending() > self.settings.batch_max_records):
+            await asyncio.sleep(0.05)
+        self._cycle.clear()
+        log.info("re-establishing the stream to %s with the new TLS credentials",
+                 self.connected_to)
+        self.delivery.cycle_requested()
+        self.queue.interrupt()
+        await asyncio.sleep(CYCLE_END_WAIT)
 
     def _settle(self, ended):
         for batch in ended.settled:
@@ -392,18 +444,12 @@ class Transport:
             self.stats.sent(len(message), len(batch))
 
     async def _records_or_drain(self):
-        """Wait for the first record, or for a drain request (the drain must
-        half-close even if nothing arrives)."""
-        if self._drain.is_set():
-            return
-        ready = asyncio.ensure_future(self.queue.wait_ready(0, 1, 1))
-        drain = asyncio.ensure_future(self._drain.wait())
-        try:
-            await asyncio.wait((ready, drain), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            drain.cancel()
-            await asyncio.gather(ready, drain, return_exceptions=True)
+        """Wait for the first record, or for a drain or cycle request (both
+        must half-close even if nothing arrives)."""
+        if not self._drain.is_set() and not self.delivery.cycling:
+            # ``stop`` and a credentials cycle interrupt this wait (one
+            # future per idle spell, not a task per reason).
+            await self.queue.first_record()
 
     async def _recv_loop(self, call):
         while True:

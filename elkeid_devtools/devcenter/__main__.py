@@ -1,6 +1,7 @@
 """``elkeid-devcenter`` / ``python -m elkeid_devtools.devcenter``: the CLI.
 
-Owns argument parsing, logging setup, signal handling and the start line
+Owns argument parsing, logging setup, signal handling (SIGTERM/SIGINT stop,
+SIGHUP reloads the certificate bundle: DevCenter.reload_certs) and the start line
 ``devcenter listening grpc=HOST:PORT http=HOST:PORT`` (printed on stdout and
 flushed once both servers listen, so a parent using port 0 can find them).
 """
@@ -65,6 +66,7 @@ async def _serve(args):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_certs, dc)
     print(dc.listening_line() + " certs=%s db=%s store=%s"
           % (dc.bundle.dir, dc.store.db_path, dc.store.mode), flush=True)
     summary = None
@@ -78,6 +80,14 @@ async def _serve(args):
         logging.getLogger("elkeid_devtools.devcenter").info("stopping")
         await dc.stop()
     return 0
+
+
+def _reload_certs(dc):
+    try:
+        dc.reload_certs()
+    except (OSError, ValueError) as e:
+        logging.getLogger("elkeid_devtools.devcenter").error(
+            "SIGHUP: certificates not reloaded, keeping those in use: %s", e)
 
 
 def main(argv=None):

@@ -2,7 +2,9 @@
 
 Owns the CA, server and client certificates the devcenter and its tests use.
 A bundle is ``ca.crt server.crt server.key client.crt client.key`` in one
-directory (keys mode 0600). The server certificate names ``elkeid.com``
+directory (keys mode 0600), plus ``ca.key`` so ``reissue_server_cert`` can
+issue a new server certificate from the same CA (the devcenter loads it on
+SIGHUP). The server certificate names ``elkeid.com``
 because that is the agent's default ``--server-name``: the agent dials
 127.0.0.1 and overrides the TLS target name, exactly as it does against a
 real AgentCenter.
@@ -25,6 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEFAULT_SERVER_NAME = "elkeid.com"
 DEFAULT_CLIENT_NAME = "elkeid-agent"
 FILES = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
+# The CA's key, so a server certificate can be reissued from the same CA.
+CA_KEY = "ca.key"
 
 # Starting a day in the past tolerates clock skew between the machine that
 # made the bundle and the one using it (and a VM whose clock jumped).
@@ -63,9 +67,10 @@ def _new_key():
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _validity(builder):
+def _validity(builder, not_before=None, not_after=None):
     now = datetime.datetime.now(datetime.timezone.utc)
-    return builder.not_valid_before(now - _BACKDATE).not_valid_after(now + _LIFETIME)
+    return builder.not_valid_before(not_before or now - _BACKDATE) \
+        .not_valid_after(not_after or now + _LIFETIME)
 
 
 def make_ca(name="elkeid-devcenter CA"):
@@ -96,13 +101,15 @@ def _san_entry(name):
         return x509.DNSName(name)
 
 
-def issue_cert(ca, name, kind="server", extra_names=()):
+def issue_cert(ca, name, kind="server", extra_names=(), not_before=None, not_after=None):
     """A leaf certificate for ``name`` signed by ``ca`` (a KeyPair).
 
     ``kind`` is "server" or "client" and selects the extended key usage;
     BoringSSL (grpc) checks it, so a client certificate cannot serve and vice
     versa. ``name`` goes into the CN and the SAN (as an IP entry when it is an
-    address); ``extra_names`` adds more SAN entries."""
+    address); ``extra_names`` adds more SAN entries. ``not_before`` and
+    ``not_after`` (aware datetimes) replace the default validity, e.g. for
+    an expired or not yet valid certificate."""
     if kind == "server":
         usage = ExtendedKeyUsageOID.SERVER_AUTH
     elif kind == "client":
@@ -126,7 +133,7 @@ def issue_cert(ca, name, kind="server", extra_names=()):
                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                    ca.key.public_key()), critical=False))
-    cert = _validity(builder).sign(ca.key, hashes.SHA256())
+    cert = _validity(builder, not_before, not_after).sign(ca.key, hashes.SHA256())
     return KeyPair(key, cert)
 
 
@@ -164,7 +171,34 @@ def write_bundle(directory, ca=None, server_name=DEFAULT_SERVER_NAME,
     _write(paths.server_key, server.key_pem, 0o600)
     _write(paths.client_crt, client.cert_pem, 0o644)
     _write(paths.client_key, client.key_pem, 0o600)
+    _write(os.path.join(paths.dir, CA_KEY), ca.key_pem, 0o600)
     return paths
+
+
+def load_ca(directory):
+    """The bundle's CA as a KeyPair (needs ``ca.key``, which bundles made
+    before it was written do not have: OSError then)."""
+    with open(os.path.join(directory, "ca.crt"), "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    with open(os.path.join(directory, CA_KEY), "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    return KeyPair(key, cert)
+
+
+def write_pair(pair, cert_path, key_path):
+    """Write a KeyPair's certificate (0644) and key (0600), e.g. a new
+    server certificate for the devcenter to load on SIGHUP."""
+    _write(cert_path, pair.cert_pem, 0o644)
+    _write(key_path, pair.key_pem, 0o600)
+
+
+def reissue_server_cert(directory, ca=None, server_name=DEFAULT_SERVER_NAME):
+    """A new server certificate and key in the bundle ``directory``, issued
+    by ``ca`` (default: the bundle's own CA, from ca.key); returns it."""
+    paths = bundle_paths(directory)
+    server = issue_cert(ca or load_ca(directory), server_name, "server")
+    write_pair(server, paths.server_crt, paths.server_key)
+    return server
 
 
 def ensure_bundle(directory):

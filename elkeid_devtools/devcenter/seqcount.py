@@ -122,8 +122,9 @@ class SeqCounter:
         with self._lock:
             self.errors[kind] = self.errors.get(kind, 0) + n
 
-    def add_message(self, pd):
-        """Count the numbered records of one decoded PackagedData."""
+    def add_message(self, pd, received_at=None):
+        """Count the numbered records of one decoded PackagedData; the log
+        line carries ``received_at`` as "t" (latency benchmarks)."""
         numbers = {}
         bad_payload = bad_seq = 0
         for r in pd.records:
@@ -149,7 +150,10 @@ class SeqCounter:
             return
         per_run = {run: ranges(seqs) for run, seqs in numbers.items()}
         if self._fd is not None:
-            line = json.dumps({"a": pd.agent_id, "r": per_run}, separators=(",", ":"))
+            entry = {"a": pd.agent_id, "r": per_run}
+            if received_at is not None:
+                entry["t"] = round(received_at, 6)
+            line = json.dumps(entry, separators=(",", ":"))
             try:
                 os.write(self._fd, line.encode("utf-8") + b"\n")
             except OSError as e:  # counted and still counted in memory

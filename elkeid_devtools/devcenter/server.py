@@ -16,10 +16,12 @@ stream.
 
 import asyncio
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
 import socket
+import ssl
 import time
 
 import grpc
@@ -149,6 +151,7 @@ class Connection:
         self.agent_id = None
         self.header = {}
         self.client_cn = ""
+        self.client_cert_sha256 = ""
         self.connected_at = time.time()
         self.messages = 0
         self.records = 0
@@ -170,6 +173,7 @@ class Connection:
     def info(self):
         """JSON-ready view for /conn/list, the summary and tests."""
         out = {"agent_id": self.agent_id, "peer": self.peer, "client_cn": self.client_cn,
+               "client_cert_sha256": self.client_cert_sha256,
                "connected_at": self.connected_at, "messages": self.messages,
                "records": self.records, "bytes": self.bytes,
                "bad_messages": self.bad_messages, "commands_sent": self.commands_sent,
@@ -178,6 +182,17 @@ class Connection:
                "plugins": {name: dict(p) for name, p in sorted(self.plugins.items())}}
         out.update(self.header)
         return out
+
+
+def _client_cert_sha256(context):
+    """sha256 (hex) of the DER client certificate this stream used, so
+    tests can tell which certificate a reconnect presented."""
+    try:
+        pems = context.auth_context().get("x509_pem_cert") or []
+        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pems[0].decode("ascii"))).hexdigest() \
+            if pems else ""
+    except Exception:  # auth_context is informational only
+        return ""
 
 
 def _client_cn(context):
@@ -266,9 +281,13 @@ class DevCenter:
         material = certs_mod.read_bundle(self.bundle)
         self.store.open()
         self._configs = self.store.load_configs()
-        credentials = grpc.ssl_server_credentials(
-            [(material["server_key"], material["server_crt"])],
-            root_certificates=material["ca"], require_client_auth=True)
+        # Dynamic credentials: grpc asks the fetcher at every handshake, so
+        # reload_certs (SIGHUP) takes effect for the next connection while
+        # open streams go on.
+        self._cert_config = self._certificate_configuration(material)
+        self._cert_config_new = None
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._cert_config, self._fetch_cert_config, require_client_authentication=True)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler("grpc.Transfer", {
@@ -304,6 +323,27 @@ class DevCenter:
         self.started_at = time.time()
         log.info("devcenter started: grpc %s, http %s, store %s (%s)", self.grpc_address,
                  self.http_address, self.store.db_path, self.store.mode)
+
+    @staticmethod
+    def _certificate_configuration(material):
+        return grpc.ssl_server_certificate_configuration(
+            [(material["server_key"], material["server_crt"])],
+            root_certificates=material["ca"])
+
+    def _fetch_cert_config(self):
+        # Called by grpc's handshaker: only hand over what reload_certs made.
+        config, self._cert_config_new = self._cert_config_new, None
+        return config
+
+    def reload_certs(self):
+        """Re-read server.crt, server.key and ca.crt (the CA bundle client
+        certificates must chain to: it may hold an old and a new CA) for the
+        connections that follow. Raises OSError or ValueError, keeping the
+        certificates in use, when the files cannot be read."""
+        material = certs_mod.read_bundle(self.bundle)
+        config = self._certificate_configuration(material)
+        self._cert_config = self._cert_config_new = config
+        log.info("certificates reloaded from %s: new connections use them", self.bundle.dir)
 
     async def stop(self, grace=1.0):
         """Close every stream, stop both servers, flush the store."""
@@ -485,6 +525,7 @@ class DevCenter:
     async def _transfer(self, request_iterator, context):
         conn = Connection(context, context.peer())
         conn.client_cn = _client_cn(context)
+        conn.client_cert_sha256 = _client_cert_sha256(context)
         self._streams.add(conn)
         self.metrics.inc("connections_total")
         reader = asyncio.ensure_future(self._read_stream(request_iterator, conn))

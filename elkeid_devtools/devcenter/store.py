@@ -388,7 +388,7 @@ class Store:
             received_at = time.time()
         if self.counting:
             if self.seq is not None:
-                self.seq.add_message(pd)
+                self.seq.add_message(pd, received_at)
             if self.latency is not None:
                 self.latency.add_message(pd)
             types = [r.data_type for r in pd.records]

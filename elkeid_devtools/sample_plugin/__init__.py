@@ -17,7 +17,8 @@ What it does (the test agent's P0-P2, adapted to the plugin IPC):
   carrying the task's token;
 - load mode: ``load.records_per_sec`` records/s (-1 = as fast as it can) of
   ``load.record_size`` bytes (DataType ``load.data_type``, fields ``pad`` and
-  a 12-digit ``seq``), for benchmarks;
+  a 12-digit ``seq``), for benchmarks; ``load.flush_log`` (a path) logs
+  each SDK flush's time and last ``seq`` for latency benchmarks;
 - JSON log lines on stderr (kept by the agent in ``<name>.stderr``), and
   log lines at ``remote_log_level`` or above as 1011 records;
 - SIGTERM/SIGINT, or the agent closing the task pipe: a last heartbeat with
@@ -53,7 +54,7 @@ DEFAULTS = {
     "log_level": "info",
     "remote_log_level": "warning",
     "load": {"records_per_sec": 0, "record_size": 200, "data_type": LOAD,
-             "high_priority": False},
+             "high_priority": False, "flush_log": ""},
 }
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "warn": logging.WARNING, "error": logging.ERROR}
@@ -109,7 +110,8 @@ def validate(cfg):
     out["heartbeat_interval"] = interval
     out["http_port"] = port
     load.update(records_per_sec=rate, record_size=size, data_type=data_type,
-                high_priority=bool(load.get("high_priority")))
+                high_priority=bool(load.get("high_priority")),
+                flush_log=str(load.get("flush_log") or ""))
     out["load"] = load
     return out
 
@@ -196,6 +198,18 @@ class SamplePlugin:
         self.cpu = CpuMeter()
         self.http = None
         self.http_port = 0
+        self._flush_log = None
+        if self.config["load"]["flush_log"]:
+            self._flush_log = open(self.config["load"]["flush_log"], "a", buffering=1)
+            client.on_flush = self._log_flush
+
+    def _log_flush(self, _fd, buf):
+        """``load.flush_log``: one line per SDK flush, "<time.time()> <seq of
+        the last record in it>", so a benchmark can time the agent from the
+        plugin's write to the server's receipt (plugin_bench.agent_latency)."""
+        tail = bytes(buf[-SEQ_WIDTH:])
+        if tail.isdigit():
+            self._flush_log.write("%.6f %d\n" % (time.time(), int(tail)))
 
     # ------------------------------------------------------------ config
 

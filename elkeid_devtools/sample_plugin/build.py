@@ -2,7 +2,7 @@
 
 An Elkeid plugin is one executable file at ``<workdir>/plugin/<name>/<name>``.
 This builds a zipapp (stdlib ``zipfile``: a ``#!`` line followed by a zip)
-holding only what the plugin needs - ``elkeid_agent/{errors,wire}.py``,
+holding only what the plugin needs - ``elkeid_agent/{errors,wire,native}.py``,
 ``elkeid_agent/sdk/``, the sample plugin and minimal package ``__init__``
 files - so the host needs a Python >= 3.9 and nothing else. The archive is
 byte-for-byte reproducible (fixed timestamps and order), so its sha256 is
@@ -40,8 +40,10 @@ import elkeid_agent
 DEFAULT_INTERPRETER = "/usr/bin/env python3"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 # (package, file inside it) of everything the plugin imports.
+# native.py: wire.py asks it for the C twins; in a zip they never load, so
+# the plugin runs the pure path.
 _MODULES = (("elkeid_agent", "errors.py"), ("elkeid_agent", "wire.py"),
-            ("elkeid_agent", "sdk/__init__.py"),
+            ("elkeid_agent", "native.py"), ("elkeid_agent", "sdk/__init__.py"),
             ("elkeid_devtools", "sample_plugin/__init__.py"))
 _SERVICE_MODULES = _MODULES + (("elkeid_devtools", "sample_plugin/service.py"),)
 _MAIN = b"from elkeid_devtools.sample_plugin import main\nraise SystemExit(main())\n"
