@@ -2,7 +2,8 @@
 side by side. Numbers, never assertions.
 
     python -m elkeid_devtools.perf_table [--quick] [--json] [--only pure|accel]
-        [--no-zipapp] [--dir DIR]
+        [--no-zipapp] [--dir DIR] [--save FILE]
+    python -m elkeid_devtools.perf_table --render FILE   (the table of saved results)
 
 Every figure comes from real processes: ``elkeid-agent run`` (``python -m
 elkeid_agent``; the zipapp too for the RSS rows), the development
@@ -24,7 +25,9 @@ Rows, per column:
    the devcenter's receipt (devcenter ``--store latency``).
 3. full speed: the plugin unthrottled, the agent pinned to core 1, plugin
    and devcenter to core 0: records/s delivered, agent CPU per record, and
-   which process saturates (the CPU % of all three).
+   what set the rate (``full_speed_limit``: a process at its core's limit,
+   core 0 filled by devcenter and plugin together, or the agent holding
+   the plugin's pipe because its queue stayed over high water).
 4. lossless maximum, agent on one core: the highest rate at which the
    plugin kept its rate and every record written arrived (devcenter count
    equals the plugin's written count; no queue drop, no spill to the
@@ -45,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 import zipfile
@@ -429,17 +433,9 @@ def measure_speed(base, env, d):
         held = s.agent_counters()[HELD] - held0
         s.stop_plugin(plugin, drain=3.0)
         shares = {k: v / elapsed for k, v in cpu.items()}
-        saturated = [k for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
-                     if v >= SATURATED]
-        if not saturated and held:
-            # No process at its core's limit, yet the agent's queue stayed
-            # over high water: the agent set the pace - its CPU when it was
-            # near its core's limit (other processes share that core here),
-            # otherwise what drains the queue (the stream).
-            saturated = ["agent" if shares["agent"] >= BUSY else "agent's sender"]
         out.update(full_rate=records / elapsed,
                    cpu_us_full=cpu["agent"] / records * 1e6 if records else None,
-                   full_shares=shares, full_held=held, saturated=saturated)
+                   full_shares=shares, full_held=held)
         start = out["full_rate"] or RATE_5K
         out["lossless_one_core"], out["lossless_tries"] = lossless_search(
             s, start, d, "lossless, one core")
@@ -598,7 +594,9 @@ def rows(results):
                         for k, v in sorted((col.get("full_shares") or {}).items())) or "-"
 
     def limit(col):
-        text = ", ".join(col.get("saturated") or []) or "none"
+        if not col.get("full_shares"):
+            return "-"
+        text = full_speed_limit(col["full_shares"], col.get("full_held", 0))
         if col.get("full_held"):
             text += " (pipe held %dx)" % col["full_held"]
         return text
@@ -616,7 +614,7 @@ def rows(results):
         ("CPU/record at full speed", "cpu_us_full",
          lambda c: _num(c.get("cpu_us_full"), "%.2f us"), None),
         ("CPU at full speed", "full_shares", shares, None),
-        ("limit at full speed", "saturated", limit, None),
+        ("limit at full speed", "limit", limit, None),
         ("lossless max, agent on 1 core", "lossless_one_core", lossless("one_core"),
          "lossless_one_core"),
         ("lossless max, CPUQuota=10%", "lossless_quota", lossless("quota"), None),
@@ -632,6 +630,24 @@ def rows(results):
         ("spool write", "spool_write", lambda c: _spool(c, "spool_write"), None),
         ("spool replay", "spool_replay", lambda c: _spool(c, "spool_replay"), None),
     ]
+
+
+def full_speed_limit(shares, held):
+    """Who set the full-speed rate, from the three processes' CPU shares
+    (of one core each) and how often the agent held the plugin's pipe."""
+    busy = [k for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= SATURATED]
+    if busy:
+        return ", ".join(busy)
+    shared = shares.get("devcenter", 0) + shares.get("plugin", 0)
+    if shared >= SATURATED:
+        # Plugin and devcenter share core OTHER_CORE: together they filled it.
+        return "core %d: devcenter + plugin %.0f%%" % (OTHER_CORE, shared * 100)
+    if held:
+        # The agent's queue stayed over high water: the agent set the pace -
+        # its CPU when near its core's limit (other processes share that
+        # core here), otherwise what drains the queue (the stream).
+        return "agent" if shares.get("agent", 0) >= BUSY else "agent's sender"
+    return "none"
 
 
 def _spool(col, key):
@@ -670,7 +686,8 @@ def render(results, meta):
     out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     out.append("")
-    out.extend("  " + line for line in footnotes(results, meta))
+    for note in footnotes(results, meta):
+        out.extend(textwrap.wrap(note, 100, initial_indent="  ", subsequent_indent="    "))
     return "\n".join(out)
 
 
@@ -688,9 +705,10 @@ def footnotes(results, meta):
         "MB = VmRSS kB / 1000; pure = ELKEID_ACCEL=0",
         "full speed and lossless: agent pinned to core %d, plugin and devcenter to core %d; "
         "CPU: %% of one core" % (AGENT_CORE, OTHER_CORE),
-        "limit: whichever process used >= %d %%, else the agent when its queue stayed "
-        "over high water (it held the plugin's pipe): \"agent\" at >= %d %% CPU, "
-        "\"agent's sender\" below" % (SATURATED * 100, BUSY * 100),
+        "limit: whichever process used >= %d %%, else core %d if devcenter and plugin "
+        "together did, else the agent when its queue stayed over high water (it held "
+        "the plugin's pipe): \"agent\" at >= %d %% CPU, \"agent's sender\" below"
+        % (SATURATED * 100, OTHER_CORE, BUSY * 100),
         "the bench plugin alone writes %s into /dev/null (its own ceiling)"
         % " / ".join(_rate(c.get("plugin_max_rate")) for c in results.values()),
         "lossless: plugin kept >= 97%% of the rate for %.0f s, every record it wrote "

@@ -75,7 +75,7 @@ def test_perf_table_quick_prints_every_row_with_numbers(tmp_path):
     for label in ("idle RSS", "RSS at 5,000/s"):
         assert re.match(number + " MB", lines[label]), text
     assert re.match(r"agent \d+% devcenter \d+% plugin \d+%", lines["CPU at full speed"]), text
-    assert re.match(r"(agent|agent's sender|devcenter|plugin|none)\b",
+    assert re.match(r"(agent|agent's sender|devcenter|plugin|core \d+: devcenter|none)\b",
                     lines["limit at full speed"]), text
     found = number + r"/s \(agent " + number + r" us/record\)"
     assert re.match("(< %s/s|%s)" % (number, found), lines["lossless max, agent on 1 core"]), text
