@@ -2,7 +2,8 @@
 # One entry point for developers and CI:
 #   ./build.sh demo      development AgentCenter + agent on loopback with mTLS
 #   ./build.sh test      every test (what CI runs)
-#   ./build.sh bench     benchmarks (print numbers; never part of the tests)
+#   ./build.sh bench     the performance table, pure and accel (numbers; never part of
+#                        the tests); bench push|spool|plugins: the older single benchmarks
 #   ./build.sh proto     regenerate elkeid_agent/pb/grpc_pb2.py from proto/
 #   ./build.sh zipapp    dist/elkeid-agent.pyz for this machine's architecture
 #   ./build.sh packages  dist/elkeid-agent_VERSION_{amd64,arm64}.{deb,rpm}
@@ -165,12 +166,15 @@ case "$cmd" in
         ;;
     bench)
         venv
-        say "agent queue -> devcenter (arguments go here: --records --repeat --idle-seconds ...)"
-        "$VENV/bin/python" -m elkeid_devtools.bench "$@"
-        say "disk spool: write and replay"
-        "$VENV/bin/python" -m elkeid_devtools.spool_bench
-        say "plugins -> agent -> devcenter"
-        exec "$VENV/bin/python" -m elkeid_devtools.plugin_bench --e2e --plugins 1 4
+        case "${1:-}" in
+            push) shift; exec "$VENV/bin/python" -m elkeid_devtools.bench "$@" ;;
+            spool) shift; exec "$VENV/bin/python" -m elkeid_devtools.spool_bench "$@" ;;
+            plugins) shift
+                exec "$VENV/bin/python" -m elkeid_devtools.plugin_bench --e2e --plugins 1 4 "$@" ;;
+            *)
+                say "the performance table, pure and accel (~7 min; --quick, --json, --only pure|accel)"
+                exec "$VENV/bin/python" -m elkeid_devtools.perf_table "$@" ;;
+        esac
         ;;
     zipapp)
         venv
@@ -192,7 +196,7 @@ case "$cmd" in
         "$VENV/bin/python" -m grpc_tools.protoc -Iproto --python_out=elkeid_agent/pb proto/grpc.proto
         ;;
     *)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
         [ -z "$cmd" ] && exit 2
         die "unknown command: $cmd"
         ;;

@@ -43,7 +43,9 @@ def build_parser():
     p.add_argument("--store", choices=MODES, default="full",
                    help="full: every record in SQLite; counts: only count records per "
                         "agent and data_type (benchmarks); seq: counts, plus the seq "
-                        "numbers each agent's records carry (GET /seq, fault tests)")
+                        "numbers each agent's records carry (GET /seq, fault tests); "
+                        "latency: counts, plus arrival minus each record's stamp field "
+                        "(GET /conn/stat, the benchmark table)")
     p.add_argument("--read-rate", type=float, default=0, metavar="RECORDS_PER_SECOND",
                    help="read each Transfer stream at most this fast, to test an agent "
                         "against a slow server (default 0: no limit)")

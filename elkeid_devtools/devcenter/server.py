@@ -750,6 +750,7 @@ class DevCenter:
             "store_pending": self.store.pending,
             "stored_records": self.store.count(),
             "started_at": self.started_at,
+            "latency": self.store.latency.summary() if self.store.latency else None,
         }
 
 

@@ -19,6 +19,9 @@ Store modes:
   one is counted per agent and producer run (seqcount.py; its log is the
   database path with ``.seq`` appended). For the fault tests, which count
   what arrived, twice or never.
+* ``latency``: as ``counts``, and each record's ``stamp`` (the bench
+  plugin's write time) is subtracted from its arrival time (latency.py):
+  the benchmark table's agent-added latency, in ``GET /conn/stat``.
 
 Configs and uploads are written in every mode.
 """
@@ -40,11 +43,12 @@ from elkeid_agent import wire
 from elkeid_agent.errors import WireError
 from elkeid_agent.pb import grpc_pb2
 from elkeid_agent.services import records
+from .latency import LatencyRecorder
 from .seqcount import SeqCounter
 
 log = logging.getLogger("elkeid_devtools.devcenter.store")
 
-MODES = ("full", "counts", "seq")
+MODES = ("full", "counts", "seq", "latency")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -264,6 +268,7 @@ class Store:
         # Only counted, no record rows (counts and seq modes).
         self.counting = mode != "full"
         self.seq = SeqCounter(self.db_path + ".seq") if mode == "seq" else None
+        self.latency = LatencyRecorder() if mode == "latency" else None
         # Called on the writer thread after each commit (the devcenter hands
         # it to its loop with call_soon_threadsafe).
         self.on_commit = on_commit
@@ -384,6 +389,8 @@ class Store:
         if self.counting:
             if self.seq is not None:
                 self.seq.add_message(pd, received_at)
+            if self.latency is not None:
+                self.latency.add_message(pd)
             types = [r.data_type for r in pd.records]
             agent_id = pd.agent_id
             with self._lock:
