@@ -22,7 +22,6 @@ NOT_AT_IDLE = {
     "email": "http.client",
     "tarfile": "plugin archives (plugins/fetch.py)",
     "zipfile": "reading an update's zipapp metadata (osfx/install.py)",
-    "ctypes": "renameat2 for plugin swaps, prctl in tests",
     "elkeid_agent.runtime.status": "the opt-in status endpoint",
     "elkeid_agent.runtime.debug": "SIGUSR1's debug endpoint",
 }
