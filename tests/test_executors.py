@@ -67,3 +67,29 @@ def test_workers_are_daemon_threads_and_close_cancels_waiting_jobs():
         release.set()
         assert await asyncio.wait_for(running, 5) is True
     asyncio.run(main())
+
+
+def test_idle_workers_exit_and_the_next_job_starts_one():
+    async def main():
+        ex = Executors(kinds={"probe": (3, 8)}, idle_seconds=1.0)
+        pool = ex._pools["probe"]
+        release = threading.Event()
+        burst = [asyncio.ensure_future(ex.run("probe", release.wait)) for _ in range(3)]
+        while pool.workers() < 3:
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*burst), 5) == [True] * 3
+        # Nothing to do for longer than idle_seconds: every worker leaves.
+        def probe_threads():
+            return [t for t in threading.enumerate() if t.name.startswith("elkeid-probe")]
+        for _ in range(1000):
+            if pool.workers() == 0 and not probe_threads():
+                break
+            await asyncio.sleep(0.01)
+        assert pool.workers() == 0
+        assert not probe_threads()
+        # A later job is served by a new thread.
+        assert await asyncio.wait_for(ex.run("probe", lambda: 7), 5) == 7
+        assert pool.workers() == 1
+        ex.close()
+    asyncio.run(main())

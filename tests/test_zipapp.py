@@ -374,6 +374,28 @@ def test_second_start_reuses_the_extraction(pyz, tmp_path):
     assert stat.S_IMODE(os.stat(str(cache)).st_mode) == 0o700
 
 
+def test_extraction_writes_the_bytecode_of_every_module(pyz, tmp_path):
+    """Compiled once, in a child, at extraction: the agent's first start
+    after an install or update loads bytecode instead of compiling (whose
+    leftovers would stay in its heap), and modules it imports later (an
+    update's cryptography) come compiled too."""
+    cache = tmp_path / "c"
+    rc, out, err = run([SYSTEM_PY, pyz] + IMPORT_ALL, env_for(cache))
+    assert_imported_all(rc, out, err)
+    assert "boot: extracted" in err
+    tag = subprocess.check_output([SYSTEM_PY, "-c", "import sys; "
+                                   "print(sys.implementation.cache_tag)"]).decode().strip()
+    [d] = os.listdir(str(cache))
+    sources = []
+    for base, _dirs, files in os.walk(str(cache / d)):
+        if "__pycache__" not in base:
+            sources += [os.path.join(base, n) for n in files if n.endswith(".py")]
+    missing = [p for p in sources if not os.path.exists(
+        importlib.util.cache_from_source(p).replace(sys.implementation.cache_tag, tag))]
+    assert sources and not missing, missing[:10]
+    assert any(p.endswith(os.path.join("cryptography", "__init__.py")) for p in sources)
+
+
 def test_incomplete_extraction_is_replaced(pyz, tmp_path):
     cache = tmp_path / "c"
     run([SYSTEM_PY, pyz] + IMPORT_ALL, env_for(cache))

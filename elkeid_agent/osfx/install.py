@@ -13,7 +13,6 @@ agent's pid file and move the guard out of the agent's cgroups.
 import json
 import os
 import subprocess
-import zipfile
 
 from . import proc_start_ticks
 from .services import SAFE_PATH, ServiceProcessEffects, process_state
@@ -35,7 +34,9 @@ class InstallError(Exception):
 
 def zipapp_meta(path):
     """The build metadata of an elkeid-agent zipapp, or None when ``path``
-    is not one."""
+    is not one. zipfile is imported here, when an update is checked: the
+    idle agent does not need it."""
+    import zipfile
     try:
         with zipfile.ZipFile(path) as zf:
             meta = json.loads(zf.read(META).decode("utf-8"))

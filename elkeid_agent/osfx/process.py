@@ -37,7 +37,6 @@ PR_SET_PDEATHSIG fires when the *thread* that created the child exits: spawn
 from the event-loop thread, which lives as long as the agent.
 """
 
-import ctypes
 import os
 import signal
 import sys
@@ -309,6 +308,7 @@ def read_proc(pid):
 
 def get_pdeathsig():
     """The calling process's parent-death signal (used by tests and plugins)."""
+    import ctypes  # only here: the agent itself never loads it
     out = ctypes.c_int(0)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(out), 0, 0, 0) != 0:

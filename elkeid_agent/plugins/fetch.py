@@ -27,16 +27,11 @@ Every failure raises ``FetchError`` with a message fit for the server and
 leaves no partial file behind.
 """
 
-import ctypes
 import hashlib
-import http.client
 import os
 import shutil
 import stat
-import tarfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
@@ -81,22 +76,30 @@ def sha256_file(path, cancel=None):
 
 # ------------------------------------------------------------------ download
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise urllib.error.HTTPError(newurl, code, "redirect to a %r URL refused" % scheme,
-                                         headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
+# urllib.request (with http.client and email), tarfile and ctypes are
+# imported when a plugin is fetched, not at start: together they are about
+# 3 MB of an idle agent that may never fetch (docs/performance.md "Memory").
 
 def _opener():
-    return urllib.request.build_opener(_HttpOnlyRedirects())
+    import urllib.error
+    import urllib.request
+
+    class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            scheme = urlsplit(newurl).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise urllib.error.HTTPError(newurl, code, "redirect to a %r URL refused"
+                                             % scheme, headers, fp)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    return urllib.request.build_opener(HttpOnlyRedirects())
 
 
 def download_one(url, dest, want_sha256, max_bytes, deadline, cancel=None, opener=None):
     """Stream ``url`` into ``dest`` (created 0600), verifying the hash.
     Raises FetchError; ``dest`` is removed on any failure."""
+    import http.client
+    import urllib.error
+    import urllib.request
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise FetchError("unsupported URL scheme %r" % scheme)
@@ -217,6 +220,7 @@ def _member_path(name):
 
 def extract_tar_gz(archive, staging, max_bytes, max_members, cancel=None):
     """Unpack ``archive`` into the empty directory ``staging``."""
+    import tarfile
     try:
         tf = tarfile.open(archive, mode="r:gz")
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -424,6 +428,7 @@ _RENAME_EXCHANGE = 2
 
 
 def _load_renameat2():
+    import ctypes
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -433,11 +438,15 @@ def _load_renameat2():
     return fn
 
 
-_RENAMEAT2 = _load_renameat2()
+_UNLOADED = object()
+_RENAMEAT2 = _UNLOADED  # loaded at the first swap; None where unsupported
 
 
 def _exchange(a, b):
     """Atomically swap two directories; False if unsupported here."""
+    global _RENAMEAT2
+    if _RENAMEAT2 is _UNLOADED:
+        _RENAMEAT2 = _load_renameat2()
     if _RENAMEAT2 is None:
         return False
     rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)

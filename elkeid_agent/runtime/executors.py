@@ -10,6 +10,10 @@ blackholed download past its socket timeout) must not keep the process
 alive at exit, which ``concurrent.futures`` would (it joins its workers).
 Each pool also bounds how many jobs may wait; past that ``run`` raises
 ``Saturated`` at once (counted) instead of queueing without limit.
+
+Threads start when jobs arrive and exit after ``IDLE_SECONDS`` without one:
+an idle agent keeps no thread per kind for work that came once (a burst of
+health probes, statvfs rounds), and the next job starts a thread again.
 """
 
 import asyncio
@@ -34,15 +38,20 @@ KINDS = {
 }
 
 
+IDLE_SECONDS = 60.0
+
+
 class Saturated(Exception):
     """Too many jobs of one kind are already waiting."""
 
 
 class _Pool:
-    def __init__(self, kind, threads, backlog):
+    def __init__(self, kind, threads, backlog, idle_seconds=IDLE_SECONDS):
         self.kind = kind
         self.threads = threads
         self.backlog = backlog
+        self.idle_seconds = idle_seconds
+        self._started = 0
         self._jobs = collections.deque()
         self._cond = threading.Condition()
         self._workers = []
@@ -60,7 +69,8 @@ class _Pool:
             # with the jobs waiting, or a burst would all go to one thread.
             if len(self._jobs) > self._idle and len(self._workers) < self.threads:
                 t = threading.Thread(target=self._work, name="elkeid-%s-%d"
-                                     % (self.kind, len(self._workers)), daemon=True)
+                                     % (self.kind, self._started), daemon=True)
+                self._started += 1
                 self._workers.append(t)
                 t.start()
             else:
@@ -71,7 +81,13 @@ class _Pool:
             with self._cond:
                 self._idle += 1
                 while not self._jobs and not self._closed:
-                    self._cond.wait()
+                    if not self._cond.wait(self.idle_seconds) and not self._jobs \
+                            and not self._closed:
+                        # Idle too long: leave. submit() starts a new thread
+                        # for a job that finds no idle one.
+                        self._idle -= 1
+                        self._workers.remove(threading.current_thread())
+                        return
                 self._idle -= 1
                 if not self._jobs:
                     return
@@ -87,6 +103,10 @@ class _Pool:
 
     def waiting(self):
         return len(self._jobs)
+
+    def workers(self):
+        with self._cond:
+            return len(self._workers)
 
     def close(self):
         with self._cond:
@@ -110,9 +130,9 @@ def _settle(fut, result, error):
 
 
 class Executors:
-    def __init__(self, metrics=None, kinds=None):
+    def __init__(self, metrics=None, kinds=None, idle_seconds=IDLE_SECONDS):
         self.metrics = metrics
-        self._pools = {kind: _Pool(kind, n, backlog)
+        self._pools = {kind: _Pool(kind, n, backlog, idle_seconds)
                        for kind, (n, backlog) in (kinds or KINDS).items()}
         if metrics is not None:
             metrics.describe("executor_saturated",

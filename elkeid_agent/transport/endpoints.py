@@ -9,14 +9,11 @@ the next kind of endpoint. Parsing is pure; the HTTP request is a small
 blocking function run in the discovery executor.
 """
 
-import http.client
 import ipaddress
 import json
 import math
 import random
 import re
-import urllib.error
-import urllib.request
 
 from ..errors import ServerFault
 
@@ -99,7 +96,12 @@ def _finite_number(x):
 def fetch_sd(hostport, timeout=SD_TIMEOUT):
     """GET the service-discovery document (blocking; run in the discovery
     executor). Every failure, including a peer that answers non-HTTP bytes
-    or closes mid-body, is an SDError."""
+    or closes mid-body, is an SDError. urllib.request (with http.client and
+    email, about 2.5 MB) is imported by the first fetch: an agent given its
+    server directly never needs it."""
+    import http.client
+    import urllib.error
+    import urllib.request
     url = "http://%s%s" % (hostport, SD_PATH)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

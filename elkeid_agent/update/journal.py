@@ -24,7 +24,6 @@ version or an operator clears them (``elkeidctl update --clear``).
 import functools
 import json
 import os
-import sqlite3
 import time
 import urllib.parse
 
@@ -60,6 +59,7 @@ def _journal_errors(method):
     busy timeout, a full disk) come out as JournalError."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        import sqlite3  # imported by Journal(); here it is a dict lookup
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as e:
@@ -100,6 +100,9 @@ class Journal:
         self.dir = journal_dir(workdir)
         self.path = os.path.join(self.dir, "journal.db")
         self.clock = clock
+        # sqlite3 (about 0.9 MB with libsqlite3) is imported when a journal
+        # is opened, not when the agent starts with no update to recover.
+        import sqlite3
         try:
             if readonly:
                 self.db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(self.path),
@@ -291,6 +294,7 @@ class _Transaction:
         if kind is None:
             self.db.execute("COMMIT")
             return
+        import sqlite3
         try:
             self.db.execute("ROLLBACK")
         except sqlite3.Error:
