@@ -294,7 +294,6 @@ class Agent:
         None of them is fatal: the agent's own job goes on without them."""
         if self.services is not None:
             self.services.on_change(self.reports.service_changed)
-        self.owner.spawn("host metrics reports", self._host_metrics_loop)
         self.control = ControlServer(socket_path(self.settings.workdir), self.metrics,
                                      services=lambda: self.services)
         try:
@@ -325,14 +324,6 @@ class Agent:
             return
         self.status = status
         log.info("status endpoint listening on http://%s/", status.address)
-
-    async def _host_metrics_loop(self):
-        # Collectors keep their latest round; polling it keeps host/metrics.py
-        # free of a reporting hook. A round is reported within a second.
-        while True:
-            if self.collectors is not None:
-                self.reports.collector_rounds(self.collectors.latest)
-            await asyncio.sleep(1.0)
 
     async def _start_services(self):
         """Local services: an invalid file or a broken supervisor leaves the
@@ -367,6 +358,22 @@ class Agent:
         if any(c.enabled for c in wanted.values()):
             self.collectors = Collectors(wanted, self.owner, self.metrics, self.executors)
             self.collectors.start()
+
+    @property
+    def collectors(self):
+        return self._collectors
+
+    @collectors.setter
+    def collectors(self, collectors):
+        # Each round is reported as it ends (a 1 s poll of ``latest`` woke an
+        # idle agent every second for rounds that come every minute).
+        self._collectors = collectors
+        if collectors is not None:
+            collectors.on_round = self._report_collector_rounds
+
+    def _report_collector_rounds(self, collectors):
+        if collectors is self._collectors:  # not a replaced set still stopping
+            self.reports.collector_rounds(collectors.latest)
 
     def _reload_services(self):
         if self.services is None:

@@ -51,7 +51,7 @@ STAGES = (
     ("splice", r"packaged_data"),
     ("delivery", r"Delivery\."),
     ("grpc.aio writes", r"_StreamRequestMixin|grpc/aio"),
-    ("timers and heartbeats", r"ticker\.py|heartbeat|Spool\.run|_supervise|_host_metrics_loop|"
+    ("timers and heartbeats", r"ticker\.py|heartbeat|Spool\.run|_supervise|_report_collector_rounds|"
                               r"_poll_latest|sdnotify|ProcessSampler|_sample_loop"),
     ("pipe reads", r"_read_ready|data_received"),
     ("sender loop", r"_send_loop"),

@@ -453,6 +453,8 @@ def test_runner_isolates_a_failing_collector(tmp_path, caplog):
         runner = hm.Collectors(config, owner, metrics, executors, root=str(tmp_path),
                                instances={"cpu": boom})
         assert set(runner.instances) == {"cpu", "memory", "network"}
+        reported = []  # the agent reports each round from this hook
+        runner.on_round = lambda r: reported.append(sorted(r.latest))
         runner.start()
         await until(lambda: boom.calls >= 6 and metrics.get("collector_skipped",
                                                              collector="network") >= 3)
@@ -472,6 +474,8 @@ def test_runner_isolates_a_failing_collector(tmp_path, caplog):
         assert metrics.get("collector_errors", collector="memory") == 0
         assert metrics.total("tasks_crashed") == 0  # isolated inside the runner, not a crash
         assert "cpu" not in runner.latest
+        assert reported and all("cpu" not in names for names in reported)  # failed rounds: none
+        assert {"memory", "network"} <= set(reported[-1])
         text = runner.render_prometheus()
         assert "elkeid_host_memory_total_bytes 16384000000" in text
         assert 'elkeid_host_network_receive_bytes_per_second{interface="lo"} 0.0' in text

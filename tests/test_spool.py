@@ -394,6 +394,36 @@ def test_a_vanished_directory_stops_spooling_until_it_can_be_made_again(tmp_path
     assert m.get("spool_dropped_records", reason="unreadable") == 100 - (len(got) - 50)
 
 
+def test_an_idle_spool_skips_the_sync_but_still_checks_its_directory(tmp_path):
+    """The tick syncs what changed within the fsync interval; with nothing
+    changed it leaves the I/O thread alone except for the directory check
+    every IDLE_CHECK_SECONDS, which still sees the directory vanish."""
+    now = [1000.0]
+    state = AgentState()
+    s = make(tmp_path, state=state, frame_bytes=4096, clock=lambda: now[0])
+    syncs = []
+    real_sync = s._files.sync
+    s._files.sync = lambda cursor: (syncs.append(now[0]), real_sync(cursor))[1]
+    fill(s, range(100))
+    now[0] += sp.FSYNC_INTERVAL
+    s.tick()
+    assert syncs == [now[0]]  # records were spilled: synced at the interval
+    for _ in range(int(sp.IDLE_CHECK_SECONDS / sp.FSYNC_INTERVAL) - 1):
+        now[0] += sp.FSYNC_INTERVAL
+        s.tick()
+    assert len(syncs) == 1  # nothing written or settled since
+    taken, mark = s.take(10, MiB)
+    s.settled(mark)
+    now[0] += sp.FSYNC_INTERVAL
+    s.tick()
+    assert len(syncs) == 2  # the cursor moved
+    shutil.rmtree(tmp_path / "spool")
+    now[0] += sp.IDLE_CHECK_SECONDS
+    s.tick()
+    assert len(syncs) == 3
+    assert not s.available and "vanished" in state.reasons()[0]
+
+
 def mount(*args):
     try:
         return subprocess.run(["mount"] + list(args), capture_output=True).returncode == 0

@@ -87,7 +87,11 @@ BACKLOG_BYTES = 16 * MiB
 # Power loss adds what was written since the last fsync.
 FSYNC_INTERVAL = 1.0
 RETRY_SECONDS = 30.0
-TICK_SECONDS = 0.25
+# Sealing has its own timer, so the tick only has to meet the fsync
+# interval; with nothing written since the last sync, the I/O thread's trip
+# (which also checks that the directory is still ours) is made this often.
+TICK_SECONDS = FSYNC_INTERVAL
+IDLE_CHECK_SECONDS = 10.0
 # Segments are the unit of deletion and of quota drops: an eighth of the
 # quota, so a drop loses an eighth at most, and at most 8 MiB.
 SEGMENT_MAX_BYTES = 8 * MiB
@@ -845,6 +849,9 @@ class Spool:
         self._read_failed = None
         self._next_sync = 0.0
         self._next_retry = 0.0
+        self._unsynced = False       # a write, create or delete since the last sync
+        self._synced_cursor = None   # the cursor the last sync was given
+        self._next_idle_check = 0.0
         self._rate = collections.deque(maxlen=11)  # (time, records taken so far)
         self._taken_total = 0
         m = metrics
@@ -940,7 +947,7 @@ class Spool:
         for number, path, size, codec_name, frames in scan.segments:
             self._next_seg = max(self._next_seg, number + 1)
             if number < cseg:  # settled before the restart
-                self._io.submit(self._files.delete, (path,))
+                self._submit_change(self._files.delete, (path,))
                 continue
             seg = _Segment(number, path, size, get_codec(codec_name, self._snappy))
             for offset, h in frames:
@@ -962,7 +969,7 @@ class Spool:
                 self._segments.append(seg)
                 self.disk_bytes += seg.size
             else:
-                self._io.submit(self._files.delete, (path,))
+                self._submit_change(self._files.delete, (path,))
         self._rpos = self._cpos = (self._base, start_idx or 0)
         if self._pending:
             log.info("spool %s: %d records from before the restart to send (%d bytes on disk)",
@@ -1149,7 +1156,7 @@ class Spool:
         self.disk_bytes += len(data)
         self._backlog += frame.nbytes
         self._update_available()
-        self._io.submit(self._files.write, (seg.path, frame.offset, data),
+        self._submit_change(self._files.write, (seg.path, frame.offset, data),
                         lambda _r, error: self._written(frame, error))
 
     def _written(self, frame, error):
@@ -1191,7 +1198,7 @@ class Spool:
                 self._failed("create", error)
                 if not seg.live:
                     self._forget_segment(seg, delete=False)
-        self._io.submit(self._files.create, (seg.path, header), created)
+        self._submit_change(self._files.create, (seg.path, header), created)
         return seg
 
     def _forget_segment(self, seg, delete=True):
@@ -1205,7 +1212,7 @@ class Spool:
         if self._read_seg is seg:
             self._close_read()
         if delete:
-            self._io.submit(self._files.delete, (seg.path,), self._io_error("delete"))
+            self._submit_change(self._files.delete, (seg.path,), self._io_error("delete"))
 
     def _io_error(self, op):
         def done(_r, error):
@@ -1378,7 +1385,10 @@ class Spool:
     async def run(self):
         """Seal partial frames, fsync, retry after faults; forever."""
         while True:
-            await asyncio.sleep(TICK_SECONDS)
+            # Woken at the fsync due time, not a fixed period after the last
+            # tick: timer jitter would otherwise skip every other sync.
+            due = self._next_sync - self._clock() if self._ready else TICK_SECONDS
+            await asyncio.sleep(min(max(due, 0.01), TICK_SECONDS))
             self.tick()
 
     def tick(self):
@@ -1389,7 +1399,8 @@ class Spool:
             self._seal(True)
         if now >= self._next_sync:
             self._next_sync = now + self.fsync_interval
-            self._sync()
+            if self._sync_due(now):
+                self._sync()
         if self._fault is not None and now >= self._next_retry:
             self._retry()
         elif (self._quarantine_bytes or self._blocked) and now >= self._next_retry:
@@ -1404,15 +1415,29 @@ class Spool:
                     self._note_quarantine()
             self._io.submit(quarantine_bytes, (self.dir,), checked)
 
+    def _submit_change(self, fn, args, done=None):
+        self._unsynced = True
+        self._io.submit(fn, args, done)
+
+    def _sync_due(self, now):
+        """Is there anything for a sync to make durable? An idle spool
+        still checks its directory every IDLE_CHECK_SECONDS."""
+        if self._unsynced or self._cursor() != self._synced_cursor:
+            return True
+        return now >= self._next_idle_check
+
     def _sync(self):
         if self._fault is not None:
             return
+        cursor = self._cursor()
+        self._unsynced, self._synced_cursor = False, cursor
+        self._next_idle_check = self._clock() + IDLE_CHECK_SECONDS
 
         def synced(_r, error):
             if error is not None:
                 self._failed("directory check" if isinstance(error, Vanished) else "fsync",
                              error)
-        self._io.submit(self._files.sync, (self._cursor(),), synced)
+        self._io.submit(self._files.sync, (cursor,), synced)
 
     async def close(self, timeout=5.0):
         """Write what is spilled, fsync, persist the cursor, end the thread."""

@@ -643,6 +643,7 @@ class Collectors:
         self.executors = executors
         self.disk_timeout = disk_timeout
         self.latest: Dict[str, Tuple[float, List[Sample]]] = {}
+        self.on_round = None  # called with self after each round that succeeded
         self.instances = {}
         for name, cfg in config.items():
             if not cfg.enabled or name not in COLLECTORS:
@@ -702,6 +703,8 @@ class Collectors:
             self._skipped[name] = skipped
         self.latest[name] = (time.time(), samples)
         self.metrics.set("collector_up", 1, collector=name)
+        if self.on_round is not None:
+            self.on_round(self)
         return True
 
     def _log_error(self, name, e):
