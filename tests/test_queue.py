@@ -396,3 +396,30 @@ def test_put_many_keeps_plugin_records_out_of_the_agent_reserve():
     (_accepted, _count, nbytes, plugin_bytes, *_), batch = _same_outcome(
         lambda m: (RecordQueue(100, m, agent_reserve=20), None), steps)
     assert plugin_bytes == 80 and batch[:4] == [rec(10 + i) for i in range(4)]
+
+
+def test_a_burst_read_whole_ends_the_batching_delay_until_the_batch_is_taken():
+    async def main():
+        q = RecordQueue(10_000, Registry())
+        # The sender already waiting out its delay: the hint ends the wait.
+        q.put(rec(1))
+        waiter = asyncio.ensure_future(q.wait_ready(60, 100, 10_000))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        q.burst_read()
+        await asyncio.wait_for(waiter, 5)
+        assert q.take_batch(100, 10_000) == [rec(1)]
+        # Taking the batch consumed the hint: the next record waits again.
+        q.put(rec(2))
+        waiter = asyncio.ensure_future(q.wait_ready(60, 100, 10_000))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        # The hint given before the sender reached its wait (the burst's
+        # records woke it, it has not run yet): no delay either.
+        q.burst_read()
+        await asyncio.wait_for(waiter, 5)
+        q.take_batch(100, 10_000)
+        q.put(rec(3))
+        q.burst_read()
+        await asyncio.wait_for(q.wait_ready(60, 100, 10_000), 5)
+    asyncio.run(main())

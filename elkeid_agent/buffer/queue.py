@@ -98,6 +98,7 @@ class RecordQueue:
         self._waiter = None       # woken by the first record
         self._full_waiter = None  # woken when a batch threshold is reached
         self._threshold = (1, 1)
+        self._burst_in = False    # burst_read(): send without the batching delay
         metrics.describe("queue_dropped_records", "records dropped by the record queue")
         metrics.describe("queue_dropped_bytes", "bytes dropped by the record queue")
         metrics.set("queue_records", lambda: self.count)
@@ -357,7 +358,8 @@ class RecordQueue:
                 await self._waiter
             finally:
                 self._waiter = None
-        if self.count >= batch_records or self.bytes >= batch_bytes or delay <= 0:
+        if (self.count >= batch_records or self.bytes >= batch_bytes or delay <= 0
+                or self._burst_in):
             return
         if self._spooled():
             return
@@ -372,11 +374,23 @@ class RecordQueue:
             timer.cancel()
             self._full_waiter = None
 
+    def burst_read(self):
+        """A producer has just handed over a whole burst (a plugin's
+        buffered flush, read to its end): the batching delay, which exists
+        to let the rest of a burst arrive, would only add latency and one
+        more timer wake-up per burst. The next ``wait_ready`` (or the one
+        under way) returns at once; ``take_batch`` consumes the hint."""
+        self._burst_in = True
+        fw = self._full_waiter
+        if fw is not None and not fw.done():
+            fw.set_result(None)
+
     def take_batch(self, max_records, max_bytes):
         """Pop up to ``max_records`` records totalling at most ``max_bytes``
         (at least one record if any is queued) as a ``Batch``. AGENT
         records first, then spooled ones, then HIGH, then NORMAL (these
         two only once the spool is empty: they are newer)."""
+        self._burst_in = False
         batch = Batch()
         segments = []
         total = 0

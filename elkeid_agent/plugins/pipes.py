@@ -16,6 +16,10 @@ from .ingest import FrameDecoder
 from .policy import TokenBucket
 
 TASK_FD, RECORD_FD, HIGH_FD = 3, 4, 5
+# A pipe read at least this large that drains the pipe is a whole burst
+# (queue.burst_read); smaller reads keep the batching delay so that a
+# plugin writing record by record still leaves in few messages.
+BURST_BYTES = 64 * 1024
 _PRIORITY_LABEL = {NORMAL: "normal", HIGH: "high"}
 
 
@@ -52,6 +56,14 @@ class RecordPipe(asyncio.Protocol):
             label = _PRIORITY_LABEL[prio]
             r.metrics.inc("plugin_records", len(bodies), plugin=r.name, priority=label)
             r.metrics.inc("plugin_record_bytes", size, plugin=r.name, priority=label)
+            if (len(data) >= BURST_BYTES and not self.decoder.buffered()
+                    and self.transport is not None
+                    and len(data) < getattr(self.transport, "max_size", 0)):
+                # A burst read whole: at least 64 KiB (an SDK's buffered
+                # flush, not a trickle of small writes), ending on a frame
+                # boundary, and shorter than the read size, so the pipe
+                # was drained. Nothing more of it is coming: send now.
+                r.queue.burst_read()
         if error is not None:
             r.protocol_violation(str(error))
             return
