@@ -102,6 +102,10 @@ class OneFile:
         db = sqlite3.connect(path)
         db.row_factory = sqlite3.Row
         try:
+            # The agent creates the file, then its tables one commit at a
+            # time, user_version last: until then no update is recorded.
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                return []
             return [dict(r) for r in db.execute("SELECT * FROM updates ORDER BY id")]
         finally:
             db.close()
