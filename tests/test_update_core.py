@@ -1445,6 +1445,7 @@ def test_a_previous_package_that_will_not_reinstall_is_noted(tmp_path, procs):
 @pytest.mark.parametrize("manager", MANAGERS)
 def test_a_rollback_that_fails_still_starts_the_old_version(tmp_path, procs, manager):
     u = guarded(tmp_path, procs, "pyz", manager)
+    u.reexec_after(1)
     u.fx.script("replace_file", None, OSError(errno.ENOSPC, "No space left on device", u.target))
     assert u.run() == 1
     row = u.row
