@@ -520,6 +520,7 @@ async def _main(settings):
     await agent.wait()
     await agent.shutdown()
     if agent.updater is not None and agent.updater.reexec_requested:
+        agent.updater.mark_reexec()
         return EXIT_REEXEC
     return EXIT_OK
 

@@ -1201,11 +1201,18 @@ class GuardedUpdate:
     def healthy_after(self, seconds):
         self.clock.at(seconds, self._healthy)
 
+    def reexec_after(self, seconds):
+        """The old agent (no manager) has shut down and re-executes."""
+        self.clock.at(seconds, self._reexec)
+
+    def _reexec(self):
+        row = self.j.get(self.uid)
+        self.j.set(self.uid, context=dict(row.context, reexec_at=self.clock.t))
+
     def _healthy(self):
         if self.manager == "none":
-            # The old agent marks the re-exec first (updater._wait_for_switch).
-            row = self.j.get(self.uid)
-            self.j.set(self.uid, context=dict(row.context, reexec_at=self.clock.t))
+            # The old agent marks the re-exec first (updater.mark_reexec).
+            self._reexec()
         self.j.set(self.uid, healthy_at=self.clock.t, new_pid=self.new.pid,
                    new_start=self.new.start)
 
@@ -1377,9 +1384,19 @@ def test_the_old_agent_dying_before_its_reexec_is_not_the_new_versions_fault(tmp
                          rejected=False)
 
 
+def test_an_old_agent_still_shutting_down_at_the_deadline_is_not_the_new_versions_fault(
+        tmp_path, procs):
+    u = guarded(tmp_path, procs, "pyz", "none")   # no re-exec mark: it never got that far
+    assert u.run() == 0
+    u.assert_rolled_back("the old agent did not re-execute the new version within 30 s",
+                         rejected=False)
+    assert u.agent.wait(10) == -signal.SIGTERM   # stopped before its file is put back
+
+
 @pytest.mark.parametrize("manager", MANAGERS)
 def test_no_health_mark_by_the_deadline_rolls_back(tmp_path, procs, manager):
     u = guarded(tmp_path, procs, "pyz", manager)
+    u.reexec_after(1)   # no manager: the new version runs (and never connects)
     assert u.run() == 0
     u.assert_rolled_back("the new version did not connect and send a heartbeat within 30 s")
     assert u.clock.t >= T0 + 30
@@ -1428,6 +1445,7 @@ def test_a_previous_package_that_will_not_reinstall_is_noted(tmp_path, procs):
 @pytest.mark.parametrize("manager", MANAGERS)
 def test_a_rollback_that_fails_still_starts_the_old_version(tmp_path, procs, manager):
     u = guarded(tmp_path, procs, "pyz", manager)
+    u.reexec_after(1)
     u.fx.script("replace_file", None, OSError(errno.ENOSPC, "No space left on device", u.target))
     assert u.run() == 1
     row = u.row

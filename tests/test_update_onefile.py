@@ -35,7 +35,8 @@ def files():
 class OneFile:
     """v1 installed as INST/elkeid-agent, its workdir, and the agent."""
 
-    def __init__(self, base, builds, devcenter, files, agent_id, services="", env=None):
+    def __init__(self, base, builds, devcenter, files, agent_id, services="", env=None,
+                 v1_fault=None):
         self.base = str(base)
         self.builds = builds
         self.dc = devcenter
@@ -45,7 +46,7 @@ class OneFile:
         self.workdir = os.path.join(self.base, "wd")
         os.makedirs(os.path.dirname(self.inst))
         os.makedirs(self.workdir)
-        v1 = builds.make_pyz(os.path.join(self.base, "builds"), V1)
+        v1 = builds.make_pyz(os.path.join(self.base, "builds"), V1, fault=v1_fault)
         os.replace(v1, self.inst)
         with open(os.path.join(self.workdir, "services.yaml"), "w") as f:
             f.write("update:\n  verify_timeout: %ds\n%s" % (TRIAL, services))
@@ -102,9 +103,20 @@ class OneFile:
         db = sqlite3.connect(path)
         db.row_factory = sqlite3.Row
         try:
+            # The agent creates the file, then its tables one commit at a
+            # time, user_version last: until then no update is recorded.
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                return []
             return [dict(r) for r in db.execute("SELECT * FROM updates ORDER BY id")]
         finally:
             db.close()
+
+    def logged(self, text):
+        try:
+            with open(os.path.join(self.workdir, "log", "elkeid-agent.log")) as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
 
     def rejected(self):
         db = sqlite3.connect(os.path.join(self.workdir, "update", "journal.db"))
@@ -393,23 +405,48 @@ def test_sigkill_of_the_old_agent_mid_switch_ends_on_a_working_version(onefile, 
     v2 = open(builds.make_pyz(str(tmp_path / "b"), V2), "rb").read()
     mark = o.last_id()
     o.offer(V2, v2)
-    wait_until(lambda: o.journal() and o.journal()[0]["state"] in ("handed_over", "switching",
-                                                                   "trial"),
-               60, 0.01, "the hand-over")
+    # Once the guard has registered: a kill before that is the hand-over's
+    # (the next start, 60 s on, closes the row as interrupted; update_core).
+    wait_until(lambda: [r for r in o.journal() if r["guard_pid"]], 60, 0.01,
+               "the guard to take over")
     o.agent.signal(signal.SIGKILL)
     report = o.wait_report(mark, timeout=TRIAL + 60)
     assert report["result"] == "rolled_back", report
-    if "before it re-executed" in report["reason"]:
-        # Not v2's fault: not rejected, so the restored v1 takes the
-        # server's next push of v2, and that one goes through.
+    _ends_on_a_working_version(o, mark, report)
+
+
+def _ends_on_a_working_version(o, mark, report):
+    if "the old agent exited before it re-executed the new version" in report["reason"]:
+        # Killed before its re-exec (also while shutting down for it): not
+        # v2's fault, so not rejected; the restored v1 takes the server's
+        # next push of v2, and that one goes through.
         assert o.rejected() == []
         final = o.next_attempt(mark, report["update_id"])
         assert final["result"] == "succeeded", final
         assert o.installed_version() == V2
-    else:  # the kill landed after the re-exec began: v2's run was cut short
-        assert "exited" in report["reason"], report
+    else:  # the kill landed on v2, re-executed in the same process
+        assert "the new version exited" in report["reason"], report
+        assert o.rejected() == [V2]
         o.wait_beat(V1, 60, "v1 restored")
         assert o.installed_version() == V1
+
+
+def test_sigkill_of_the_old_agent_shutting_down_for_its_reexec_is_not_v2s_fault(
+        onefile, builds, tmp_path):
+    # v1 waits 4 s before it shuts down: the kill lands after the guard has
+    # switched the file and before v1 re-executes it.
+    o = onefile("onefile-killshutdown", v1_fault="slow_shutdown:4")
+    v2 = open(builds.make_pyz(str(tmp_path / "b"), V2), "rb").read()
+    mark = o.last_id()
+    o.offer(V2, v2)
+    wait_until(lambda: o.logged("test fault slow_shutdown"), 60, 0.05,
+               "v1 shutting down for its re-exec")
+    assert o.journal()[0]["state"] == "trial"
+    o.agent.signal(signal.SIGKILL)
+    report = o.wait_report(mark, timeout=TRIAL + 60)
+    assert report["result"] == "rolled_back", report
+    assert "before it re-executed" in report["reason"], report
+    _ends_on_a_working_version(o, mark, report)
 
 
 def _tmpfs(path, size):

@@ -20,7 +20,11 @@ fault to the copy:
 ``"crash_after:N"``
     ``Agent.start`` in elkeid_agent/app.py wrapped so that N seconds
     (N > 0, may be fractional) after it completes the process ends with
-    ``os._exit(70)`` (``CRASH_STATUS``): no shutdown, no flush.
+    ``os._exit(70)`` (``CRASH_STATUS``): no shutdown, no flush;
+``"slow_shutdown:N"``
+    ``Agent.shutdown`` wrapped so that it logs ``test fault slow_shutdown``
+    and waits N seconds before it begins: a window in which the agent is
+    known to be shutting down (for a re-exec, say).
 
 Built zipapps are cached under the session's directory by (version, fault,
 build id of the staged site) and packages by (zipapp content, version,
@@ -82,6 +86,20 @@ def _test_fault_crash_later(start):
 Agent.start = _test_fault_crash_later(Agent.start)
 '''
 
+_SLOW_SHUTDOWN_FAULT = '''
+
+# --- test fault "slow_shutdown" (tests/update_builds.py): %(seconds)r s before shutting down.
+def _test_fault_slow_shutdown(shutdown):
+    async def wait_then_shut_down(self):
+        log.warning("test fault slow_shutdown: shutting down in %(seconds)r s")
+        await asyncio.sleep(%(seconds)r)
+        await shutdown(self)
+    return wait_then_shut_down
+
+
+Agent.shutdown = _test_fault_slow_shutdown(Agent.shutdown)
+'''
+
 
 def stage_site(site):
     """Fill ``site`` (created) with this machine's zipapp site-packages,
@@ -112,15 +130,17 @@ def _fault_snippet(fault):
     if fault == "noconnect":
         return "elkeid_agent/transport/stream.py", _NOCONNECT_FAULT
     kind, _, arg = (fault or "").partition(":")
-    if kind == "crash_after":
+    if kind in ("crash_after", "slow_shutdown"):
         try:
             seconds = float(arg)
         except ValueError:
             seconds = -1.0
         if seconds > 0:
-            return "elkeid_agent/app.py", _CRASH_AFTER_FAULT % {"seconds": seconds,
-                                                                 "status": CRASH_STATUS}
-    raise ValueError("unknown fault %r: use import, noconnect or crash_after:SECONDS" % fault)
+            template = _CRASH_AFTER_FAULT if kind == "crash_after" else _SLOW_SHUTDOWN_FAULT
+            return "elkeid_agent/app.py", template % {"seconds": seconds,
+                                                      "status": CRASH_STATUS}
+    raise ValueError("unknown fault %r: use import, noconnect, crash_after:SECONDS or "
+                     "slow_shutdown:SECONDS" % fault)
 
 
 def copy_site(site, dest, fault):

@@ -142,7 +142,8 @@ class Guard:
         pid, start = ctx["agent_pid"], ctx["agent_start"]
 
         def same():
-            # The old agent re-executes itself: same pid, same start time.
+            # The old agent re-executes itself: same pid, same start time;
+            # it marks the re-exec once it has shut down (updater.mark_reexec).
             if not running(pid, start):
                 if not self.row.context.get("reexec_at"):
                     raise TrialFailed("the old agent exited before it re-executed the new "
@@ -160,6 +161,11 @@ class Guard:
             if row.healthy_at and not running(row.new_pid, row.new_start):
                 raise TrialFailed("the new version exited after it reported healthy")
             if self.clock() >= deadline:
+                if not row.healthy_at and row.manager == "none" and not reexec_at:
+                    # The old agent is still shutting down for its re-exec:
+                    # the new version never ran, so it is not to blame.
+                    raise TrialFailed("the old agent did not re-execute the new version "
+                                      "within %d s" % round(timeout), reject=False)
                 if not row.healthy_at:
                     raise TrialFailed("the new version did not connect and send a heartbeat "
                                       "within %d s" % round(row.context.get("verify_timeout", 0)))

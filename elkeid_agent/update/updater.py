@@ -136,6 +136,7 @@ class AgentUpdater(UpdaterBase):
         self._install = None
         self._manager = None
         self.reexec_requested = None   # set to the reason by a one-file update
+        self._reexec_uid = None
         self.on_reexec = None
 
     # ------------------------------------------------------------ journal
@@ -398,13 +399,27 @@ class AgentUpdater(UpdaterBase):
             if row is None or row.final:
                 return
             if row.state == "trial":
-                # Tells the guard that from now on an exit is the new version's.
-                self.journal.set(uid, context=dict(row.context, reexec_at=self.clock()))
+                self._reexec_uid = uid
                 self.reexec_requested = "update to %s" % row.to_version
                 if self.on_reexec is not None:
                     self.on_reexec(self.reexec_requested)
                 return
             await asyncio.sleep(0.25)
+
+    def mark_reexec(self):
+        """Tell the guard that from now on an exit is the new version's:
+        called once the agent has shut down, just before it re-executes.
+        Not when the shutdown begins: the old agent killed while it stops
+        plugins and flushes is no fault of the new version, and the new
+        version's trial window runs from its own start."""
+        uid = self._reexec_uid
+        try:
+            row = self.journal.get(uid)
+            if row is not None and row.state == "trial":
+                self.journal.set(uid, context=dict(row.context, reexec_at=self.clock()))
+        except JournalError as e:
+            # Unmarked, the guard takes an exit for the old agent's (not rejected).
+            log.error("update %d: cannot mark the re-exec: %s", uid, e)
 
     # ------------------------------------------------------------ start-up
 
