@@ -31,11 +31,6 @@ def identity(b):
     return b
 
 
-def tls_paths(settings):
-    """{"ca", "cert", "key": absolute path} of ``settings``."""
-    return {what: settings.path(getattr(settings, what)) for what in credentials.FILES}
-
-
 def grpc_credentials(cred_set):
     """grpc channel credentials from a validated CredentialSet (memory,
     not the files: what is on disk may be a newer set that failed)."""
@@ -50,7 +45,7 @@ def load_credentials(settings):
     that is not the certificate's). Dates and the chain to the CA are a
     soft ``problem`` on the set: clocks drift, and the server decides."""
     try:
-        return credentials.load(tls_paths(settings), strict=False)
+        return credentials.load(credentials.tls_paths(settings), strict=False)
     except credentials.CredentialError as e:
         raise LocalFault("%s (%s)" % (e, _SETTING[e.what])) from None
 

@@ -207,6 +207,11 @@ def _memfds(items):
         raise
 
 
+def tls_paths(settings):
+    """{"ca", "cert", "key": absolute path} of ``settings``."""
+    return {what: settings.path(getattr(settings, what)) for what in FILES}
+
+
 def read_files(paths):
     """{"ca": bytes, ...} of ``paths``; CredentialError(unreadable) naming
     the first file that cannot be read. ``open`` follows symlinks at read

@@ -20,7 +20,6 @@ import ssl
 import time
 
 from . import credentials
-from .channel import tls_paths
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ class DialDiagnosis:
             if self.credential_set is not None:
                 cred_set = self.credential_set()
             else:
-                cred_set = credentials.load(tls_paths(self.settings), strict=False)
+                cred_set = credentials.load(credentials.tls_paths(self.settings), strict=False)
         except Exception:  # the files may be gone; the plain diagnosis stands
             return d
         problem = cred_set.problem

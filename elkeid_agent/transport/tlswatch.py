@@ -49,7 +49,7 @@ class CredentialWatcher:
         self.current = current
         self.on_rotate = on_rotate
         self._clock = clock
-        self._paths = {w: settings.path(getattr(settings, w)) for w in credentials.FILES}
+        self._paths = credentials.tls_paths(settings)
         self._wake = asyncio.Event()
         self._seen_failing = None  # key of a failure seen once (the grace)
         self._reported = None      # key of the failure logged last
