@@ -343,9 +343,8 @@ class RecordQueue:
     def interrupt(self):
         """Wake a ``first_record`` waiter although nothing was queued (the
         sender must half-close for a drain)."""
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     async def wait_ready(self, delay, batch_records, batch_bytes):
         """Return once there is something to send and either a full batch is
@@ -353,11 +352,8 @@ class RecordQueue:
         agent sends within milliseconds, a busy one sends full batches."""
         loop = asyncio.get_running_loop()
         while self.pending() == 0:
-            self._waiter = loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            # first_record also returns on interrupt(): wait again then.
+            await self.first_record()
         if (self.count >= batch_records or self.bytes >= batch_bytes or delay <= 0
                 or self._burst_in):
             return
@@ -381,9 +377,8 @@ class RecordQueue:
         more timer wake-up per burst. The next ``wait_ready`` (or the one
         under way) returns at once; ``take_batch`` consumes the hint."""
         self._burst_in = True
-        fw = self._full_waiter
-        if fw is not None and not fw.done():
-            fw.set_result(None)
+        if self._full_waiter is not None:
+            _resolve(self._full_waiter)
 
     def take_batch(self, max_records, max_bytes):
         """Pop up to ``max_records`` records totalling at most ``max_bytes``
